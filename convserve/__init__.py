@@ -1,0 +1,1 @@
+"""convserve: CNN classifiers trained in PyTorch, served from ONNX Runtime by BentoML."""

@@ -1,0 +1,205 @@
+"""`convserve` command line: train, export, summary, serve.
+
+Torch is imported only by the subcommands that need it, so `convserve serve` runs in a
+serving-only install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "lenet5"
+DEFAULT_TAG = "fashion-lenet5:latest"
+
+
+def _model_args(pairs: list[str]) -> dict[str, Any]:
+    """`--arg filters=[8,16] --arg num_classes=10` -> {"filters": [8, 16], "num_classes": 10}."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--arg expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    import models
+    from models.summary import format_table, summarize
+
+    kwargs = {
+        "in_channels": args.in_channels,
+        "input_size": args.input_size,
+        "num_classes": args.num_classes,
+        **_model_args(args.arg),
+    }
+    model = models.create_model(args.model, **kwargs)
+    rows = summarize(model, kwargs["in_channels"], kwargs["input_size"])
+    print(f"{args.model} {kwargs}")
+    print(format_table(rows, sum(p.numel() for p in model.parameters())))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from models.train import TrainConfig, train
+
+    config = TrainConfig(
+        model=args.model,
+        model_kwargs=_model_args(args.arg),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        augment=not args.no_augment,
+        data_dir=args.data_dir,
+        out_dir=args.out or f"runs/{args.model}",
+        train_limit=args.train_limit,
+        test_limit=args.test_limit,
+        threads=args.threads,
+    )
+    result = train(config)
+    m = result.metrics
+    print(
+        f"best test accuracy {100 * m['best_test_accuracy']:.2f}% (epoch {m['best_epoch']}) "
+        f"in {m['train_time_s']:.0f} s; checkpoint {result.checkpoint}"
+    )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from export.onnx_export import ExportConfig, export_onnx
+    from export.store import save_model, store_name
+    from export.verify import MAX_ABS_LOGIT_DIFF, check_parity
+
+    checkpoint = Path(args.checkpoint)
+    output = Path(args.output) if args.output else checkpoint.with_suffix(".onnx")
+    path, spec = export_onnx(ExportConfig(checkpoint=str(checkpoint), output=str(output)))
+    report = check_parity(checkpoint, path, images=args.parity_images, data_dir=args.data_dir)
+    print(
+        f"parity on {report.images} test images: top-1 agreement "
+        f"{100 * report.top1_agreement:.2f}%, max |logit diff| {report.max_abs_diff:.2e} "
+        f"(limit {MAX_ABS_LOGIT_DIFF:.0e})"
+    )
+    if not report.passed:
+        print("parity check failed; the model was not stored", file=sys.stderr)
+        return 1
+    if args.no_store:
+        return 0
+    stored = save_model(path, spec, args.name or store_name(spec))
+    print(f"stored {stored.tag} (sha256 {stored.sha256[:12]}…)")
+    return 0
+
+
+def _ensure_default_model(tag: str, data_dir: str | None) -> None:
+    """Train and export the default model if the store lacks it (`make serve`, new machine)."""
+    from export.store import has_model
+
+    if has_model(tag):
+        return
+    print(f"{tag} is not in the model store: training the default {DEFAULT_MODEL} (a few minutes)")
+    out = "runs/default"
+    data = ["--data-dir", data_dir] if data_dir else []
+    parser = build_parser()
+    _cmd_train(parser.parse_args(["train", DEFAULT_MODEL, "--out", out, *data]))
+    status = _cmd_export(
+        parser.parse_args(["export", f"{out}/best.pt", "--name", tag.partition(":")[0], *data])
+    )
+    if status:
+        raise SystemExit(status)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.train_if_missing:
+        _ensure_default_model(args.model, args.data_dir)
+    env = {**os.environ, "CONVSERVE_MODEL": args.model}
+    cmd = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        "service.service:Classifier",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    # The service is found by import path, from the project root whether installed or not.
+    os.chdir(Path(__file__).resolve().parent.parent)
+    os.execvpe(cmd[0], cmd, env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("summary", help="per-layer activation shapes, sizes and parameters")
+    p.add_argument("model")
+    p.add_argument("--in-channels", type=int, default=1)
+    p.add_argument("--input-size", type=int, default=28)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="builder argument, JSON value (e.g. filters=[8,16])",
+    )
+    p.set_defaults(func=_cmd_summary)
+
+    p = sub.add_parser("train", help="train a registered model on Fashion-MNIST")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--data-dir", help="directory with the four Fashion-MNIST IDX .gz files")
+    p.add_argument("--out", help="run directory (default runs/MODEL)")
+    p.add_argument("--train-limit", type=int, help="use only the first N training images")
+    p.add_argument("--test-limit", type=int, help="use only the first N test images")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX, verify it, store it")
+    p.add_argument("checkpoint")
+    p.add_argument("--output", help="ONNX path (default: beside the checkpoint)")
+    p.add_argument("--name", help="model store name (default fashion-ARCHITECTURE)")
+    p.add_argument("--parity-images", type=int, default=1000)
+    p.add_argument("--data-dir")
+    p.add_argument("--no-store", action="store_true", help="export and verify only")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("serve", help="serve a stored model over HTTP (bentoml serve)")
+    p.add_argument("--model", default=DEFAULT_TAG, help=f"store tag (default {DEFAULT_TAG})")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument(
+        "--train-if-missing",
+        action="store_true",
+        help="train and export the default model first if the store lacks it",
+    )
+    p.add_argument("--data-dir")
+    p.set_defaults(func=_cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FileNotFoundError as exc:  # e.g. the dataset is missing: say how to get it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,50 @@
+"""Name-keyed registry of architecture builders.
+
+The family modules import torch, so they are loaded on the first lookup rather than at
+import time: torch-free callers (the service) can import `models.spec` cheaply.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+Builder = Callable[..., "nn.Module"]
+
+# One module per architecture family; each registers its builders when imported.
+_FAMILY_MODULES: tuple[str, ...] = ("models.lenet",)
+
+_REGISTRY: dict[str, Builder] = {}
+
+
+def register_model(fn: Builder) -> Builder:
+    """Register `fn` under its own name; a second builder with the same name is refused."""
+    name = fn.__name__
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    _REGISTRY[name] = fn
+    return fn
+
+
+def _load_families() -> None:
+    for module in _FAMILY_MODULES:
+        importlib.import_module(module)
+
+
+def list_models() -> list[str]:
+    _load_families()
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build the registered architecture `name` with builder arguments `kwargs`."""
+    _load_families()
+    try:
+        builder = _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+    return builder(**kwargs)
