@@ -1,0 +1,1 @@
+"""ONNX export, verification and the model store."""

@@ -1,0 +1,60 @@
+"""PyTorch checkpoint -> verified ONNX file: dynamic batch axis, the model spec inside."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+from models.spec import ONNX_METADATA_KEY, ModelSpec
+from models.train import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+# Pinned so an exported file means the same thing whichever torch exported it; 18 is the
+# newest opset the dynamo exporter and every onnxruntime we support agree on.
+OPSET = 18
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    checkpoint: str
+    output: str
+    opset: int = OPSET
+
+
+def export_onnx(config: ExportConfig) -> tuple[Path, ModelSpec]:
+    model, spec = load_checkpoint(config.checkpoint)
+    example = torch.zeros(spec.input.shape(2))  # batch 2: a batch of 1 could be specialized
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    out = Path(config.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes={"x": {0: batch}},
+        opset_version=config.opset,
+        dynamo=True,
+        external_data=False,  # one self-contained file: the store and the service hash it whole
+    )
+    proto = program.model_proto
+    onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: spec.model_dump_json()})
+    proto.doc_string = f"{spec.architecture} classifier, {len(spec.labels)} classes"
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save_model(proto, out)
+    log.info("exported %s (opset %d) to %s", spec.architecture, config.opset, out)
+    return out, spec
+
+
+def read_spec(onnx_path: str | Path) -> ModelSpec:
+    """The spec embedded in an exported file (torch-free callers use the store's copy)."""
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    return ModelSpec.model_validate_json(props[ONNX_METADATA_KEY])
