@@ -152,7 +152,7 @@ def train(config: TrainConfig) -> TrainResult:
             range(steps_per_epoch),
             desc=f"epoch {epoch}/{config.epochs}",
             unit="batch",
-            disable=not config.progress,
+            disable=None if config.progress else True,  # None: off when not a terminal
             leave=False,
         )
         for step in bar:
