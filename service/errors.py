@@ -1,0 +1,65 @@
+"""Where failures become HTTP answers: a stable `code`, a plain message, no internals."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+log = logging.getLogger("convserve.errors")
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ApiError(Exception):
+    """An error whose message is safe to show the client."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(code=code, message=message))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+async def handle_api_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+
+async def handle_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    # Name the offending fields, never echo their values (they may be large or binary).
+    problems = "; ".join(_describe(err) for err in exc.errors())
+    return error_response(422, "invalid_request", problems or "invalid request")
+
+
+def _describe(err: dict) -> str:
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    where = ".".join(loc) or "request"
+    if len(loc) >= 2 and err.get("type") == "value_error" and "UploadFile" in str(err.get("msg")):
+        # Pydantic's text names Python classes; say what the client must send instead.
+        return f"{where}: must be an uploaded file (text and URLs are not accepted)"
+    return f"{where}: {err.get('msg', 'invalid')}"
+
+
+async def handle_unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal_error", "internal error; the server log has details")

@@ -1,0 +1,92 @@
+"""Safe image decoding and conversion to a model's input spec. The only place pixels are read."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from models.spec import InputSpec
+from service.errors import ApiError
+
+# Formats whose decoders are mature and in scope; PIL would otherwise try every plugin it has.
+ALLOWED_FORMATS = ("PNG", "JPEG")
+# Alpha is composited on black: Fashion-MNIST garments are light on a black background.
+BACKGROUND = 0
+
+
+def decode(data: bytes, *, max_pixels: int, name: str = "image") -> Image.Image:
+    """Open `data` as an allowed format and check its size before any pixel is decoded."""
+    if not data:
+        raise ApiError(400, "empty_image", f"{name} is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        raise ApiError(
+            415, "unsupported_image", f"{name} is not a {' or '.join(ALLOWED_FORMATS)} image"
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ApiError(413, "image_too_large", f"{name} has too many pixels") from None
+    except (OSError, ValueError, SyntaxError):
+        raise ApiError(400, "invalid_image", f"{name} could not be read as an image") from None
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ApiError(400, "invalid_image", f"{name} has no pixels")
+    if width * height > max_pixels:
+        raise ApiError(
+            413,
+            "image_too_large",
+            f"{name} is {width}x{height} pixels; at most {max_pixels} pixels are accepted",
+        )
+    try:
+        img.load()  # decode now, inside the error mapping; truncated files fail here
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise ApiError(400, "invalid_image", f"{name} is truncated or corrupt") from None
+    return img
+
+
+def _flatten_alpha(img: Image.Image) -> Image.Image:
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (BACKGROUND, BACKGROUND, BACKGROUND, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16/32-bit grey is scaled to 0..255 by its bit depth, never clipped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img, dtype=np.uint16)
+        return Image.fromarray((arr >> 8).astype(np.uint8), mode="L")
+    if img.mode == "I":
+        arr = np.asarray(img, dtype=np.int64)
+        top = 65535 if arr.max(initial=0) <= 65535 else 2**31 - 1
+        return Image.fromarray((np.clip(arr, 0, top) * 255 // top).astype(np.uint8), mode="L")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        return Image.fromarray((np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8), mode="L")
+    return img
+
+
+def to_input(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    """Any-size, any-mode image -> float32 C x H x W normalized as the model was trained."""
+    img = ImageOps.exif_transpose(img)
+    img = _to_8bit(_flatten_alpha(img))
+    img = img.convert("L" if spec.channels == 1 else "RGB")
+    if img.size != (spec.width, spec.height):
+        img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+    x = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)  # H x W (x C) -> C x H x W
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
+    return (x - mean) / std
+
+
+def preprocess(data: bytes, spec: InputSpec, *, max_pixels: int, name: str) -> np.ndarray:
+    return to_input(decode(data, max_pixels=max_pixels, name=name), spec)
