@@ -1,0 +1,42 @@
+# Two entry points do all set-up on a fresh Debian machine with python3:
+#   make serve   venv + install + dataset + (train the default model if the store has none) + serve
+#   make test    venv + install + dataset + the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 3000
+HOST ?= 127.0.0.1
+DATASET := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install dataset serve test test-fast lint clean
+
+install: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[train,loadtest,dev]'
+	touch $@
+
+dataset: $(DATASET)
+
+$(DATASET):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+serve: install dataset
+	$(BIN)/convserve serve --train-if-missing --host $(HOST) --port $(PORT)
+
+test: install dataset
+	$(BIN)/python -m pytest
+
+test-fast: install dataset
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache runs

@@ -1,0 +1,96 @@
+"""Shared fixtures. The model store is private to the test session (BENTOML_HOME is set before
+bentoml is imported), so tests never touch, nor depend on, the user's store."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "tests"
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+# Before any test module imports bentoml: it resolves its home directory once.
+BENTOML_HOME = Path(tempfile.mkdtemp(prefix="convserve-tests-bentoml-"))
+os.environ["BENTOML_HOME"] = str(BENTOML_HOME)
+
+
+def _source_digest() -> str:
+    """Trained files are reused across local runs while the code that made them is unchanged."""
+    digest = hashlib.sha256()
+    for path in sorted(
+        [
+            *(ROOT / "models").glob("*.py"),
+            *(ROOT / "export").glob("*.py"),
+            ROOT / "convserve" / "cli.py",
+        ]
+    ):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def bentoml_home() -> Path:
+    yield BENTOML_HOME
+    shutil.rmtree(BENTOML_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def fashion_test():
+    from models.data import load_fashion_mnist
+
+    return load_fashion_mnist("test")
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory: pytest.TempPathFactory):
+    """A short LeNet-5 run on a subset: a real checkpoint in seconds."""
+    from models.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("quick-run")
+    return train(
+        TrainConfig(epochs=2, train_limit=3000, test_limit=1000, out_dir=str(out), progress=False)
+    )
+
+
+@pytest.fixture(scope="session")
+def default_run() -> Path:
+    """The default model exactly as `make serve` trains it, via the CLI (cached by code)."""
+    run = CACHE / f"default-{_source_digest()}"
+    if not (run / "best.pt").exists():
+        shutil.rmtree(run, ignore_errors=True)
+        subprocess.run(
+            [sys.executable, "-m", "convserve", "train", "lenet5", "--out", str(run)],
+            check=True,
+            cwd=ROOT,
+        )
+    return run
+
+
+@pytest.fixture(scope="session")
+def default_stored(default_run: Path, bentoml_home: Path):
+    """The default model exported, parity-checked and saved in the session's store, by the CLI."""
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convserve",
+            "export",
+            str(default_run / "best.pt"),
+            "--output",
+            str(bentoml_home / "default.onnx"),
+        ],
+        check=True,
+        cwd=ROOT,
+        env=env,
+    )
+    from export.store import load_model
+
+    return load_model("fashion-lenet5:latest")

@@ -1,0 +1,244 @@
+"""A real `bentoml serve` process serving the trained default model, checked over HTTP."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from export.verify import normalize
+from service.runtime import softmax, top_k
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(default_stored, bentoml_home, tmp_path_factory):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(bentoml_home),
+        "CONVSERVE_MODEL": "fashion-lenet5:latest",
+    }
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bentoml",
+                "serve",
+                "service.service:Classifier",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, log_path.read_text()
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server not ready in 120 s:\n" + log_path.read_text()
+        time.sleep(0.3)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(default_stored):
+    """In-process ONNX Runtime on the same stored file: what every HTTP answer must equal."""
+    session = ort.InferenceSession(str(default_stored.path), providers=["CPUExecutionProvider"])
+    spec = default_stored.spec
+
+    def predict(images: np.ndarray, k: int = 5):
+        x = normalize(images, spec.input.mean, spec.input.std)
+        (logits,) = session.run(None, {session.get_inputs()[0].name: x})
+        return top_k(softmax(logits), k)
+
+    return predict
+
+
+def png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def classify(client: httpx.Client, images: np.ndarray, top_k: int | None = None) -> dict:
+    files = [("images", (f"test-{i}.png", png(img), "image/png")) for i, img in enumerate(images)]
+    params = {} if top_k is None else {"top_k": top_k}
+    resp = client.post("/classify", files=files, params=params)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def assert_matches(results: list[dict], expected: tuple[np.ndarray, np.ndarray]) -> None:
+    indices, probs = expected
+    assert len(results) == len(indices)
+    for result, row_i, row_p in zip(results, indices, probs, strict=True):
+        got = result["predictions"]
+        assert [p["index"] for p in got] == row_i.tolist()
+        np.testing.assert_allclose([p["probability"] for p in got], row_p, rtol=0, atol=1e-5)
+
+
+def test_single_image_requests_equal_in_process_onnxruntime(
+    client, fashion_test, reference, default_stored
+):
+    for i in range(20):
+        body = classify(client, fashion_test.images[i : i + 1])
+        assert body["model"] == default_stored.tag
+        (result,) = body["results"]
+        assert len(result["predictions"]) == 5  # default top_k
+        labels = default_stored.spec.labels
+        assert all(p["label"] == labels[p["index"]] for p in result["predictions"])
+        assert_matches(body["results"], reference(fashion_test.images[i : i + 1]))
+
+
+def test_multi_image_request_keeps_order_and_names(client, fashion_test, reference):
+    images = fashion_test.images[100:116]
+    body = classify(client, images, top_k=3)
+    assert [r["filename"] for r in body["results"]] == [f"test-{i}.png" for i in range(16)]
+    assert_matches(body["results"], reference(images, 3))
+
+
+def test_accuracy_through_http_on_1000_test_images(client, fashion_test):
+    correct = 0
+    n = 1000
+    for start in range(0, n, 50):
+        body = classify(client, fashion_test.images[start : start + 50], top_k=1)
+        predicted = [r["predictions"][0]["index"] for r in body["results"]]
+        correct += int((np.array(predicted) == fashion_test.labels[start : start + 50]).sum())
+    accuracy = correct / n
+    print(f"accuracy through HTTP on {n} test images: {100 * accuracy:.2f}%")
+    assert accuracy >= 0.89
+
+
+def test_64_concurrent_clients_get_no_503_and_their_own_answers(server, fashion_test, reference):
+    clients, per_client = 64, 4
+    expected = reference(fashion_test.images[: clients * per_client], 1)[0][:, 0]
+
+    def one_client(c: int) -> list[tuple[int, int, int]]:
+        out = []
+        with httpx.Client(base_url=server, timeout=60) as http:
+            for r in range(per_client):
+                i = c * per_client + r
+                resp = http.post(
+                    "/classify",
+                    params={"top_k": 1},
+                    files=[("images", ("x.png", png(fashion_test.images[i])))],
+                )
+                index = (
+                    resp.json()["results"][0]["predictions"][0]["index"]
+                    if resp.status_code == 200
+                    else -1
+                )
+                out.append((i, resp.status_code, index))
+        return out
+
+    with ThreadPoolExecutor(clients) as pool:
+        answers = [a for batch in pool.map(one_client, range(clients)) for a in batch]
+    statuses = [s for _, s, _ in answers]
+    assert statuses.count(200) == len(answers), {s: statuses.count(s) for s in set(statuses)}
+    assert all(index == expected[i] for i, _, index in answers)
+
+
+INTERNALS = re.compile(r"Traceback|File \"|0x[0-9a-f]{6,}|(/[\w.-]+){2,}|site-packages")
+
+
+def _bad_requests(garment: bytes):
+    half = garment[: len(garment) // 2]
+    return {
+        "not an image": (415, "unsupported_image", {"files": [("images", ("a.png", b"hello"))]}),
+        "empty file": (400, "empty_image", {"files": [("images", ("a.png", b""))]}),
+        "truncated png": (400, "invalid_image", {"files": [("images", ("a.png", half))]}),
+        "url instead of file": (
+            422,
+            "invalid_request",
+            {"data": {"images": "http://127.0.0.1:9/x.png"}},
+        ),
+        "no images": (422, "invalid_request", {"data": {"other": "x"}}),
+        "top_k zero": (
+            422,
+            "invalid_request",
+            {"files": [("images", ("a.png", garment))], "params": {"top_k": 0}},
+        ),
+        "top_k over classes": (
+            422,
+            "invalid_top_k",
+            {"files": [("images", ("a.png", garment))], "params": {"top_k": 11}},
+        ),
+        "top_k not a number": (
+            422,
+            "invalid_request",
+            {"files": [("images", ("a.png", garment))], "params": {"top_k": "five"}},
+        ),
+        "too many images": (
+            422,
+            "too_many_images",
+            {"files": [("images", (f"{i}.png", garment)) for i in range(65)]},
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_requests(b"").keys()))
+def test_bad_input_is_a_clean_4xx_and_the_server_stays_healthy(client, fashion_test, case):
+    status, code, kwargs = _bad_requests(png(fashion_test.images[0]))[case]
+    resp = client.post("/classify", **kwargs)
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    error = resp.json()["error"]
+    assert error["code"] == code
+    assert error["message"] and not INTERNALS.search(error["message"]), error["message"]
+    assert client.get("/readyz").status_code == 200
+    assert classify(client, fashion_test.images[:1])["results"][0]["predictions"]
+
+
+def test_probes_and_openapi(client):
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/livez").status_code == 200
+    schema = client.get("/api/openapi.json").json()
+    assert "/classify" in schema["paths"]
+    post = schema["paths"]["/classify"]["post"]
+    assert {"200", "415", "422"} <= set(post["responses"])
