@@ -89,7 +89,7 @@ class Classifier:
         # A full-size batch first, so ORT's arena holds the largest buffers before traffic.
         full = np.zeros(spec.shape(self.settings.max_batch_size), dtype=np.float32)
         await anyio.to_thread.run_sync(self.model.probabilities, full)
-        await self.batcher.warm_up(full[:1])
+        await self.batcher.warm_up(full[:1], self.settings.warmup_requests)
         self._ready = True
         log.info("warm-up done; ready")
 

@@ -26,6 +26,11 @@ class ServiceSettings(BaseSettings):
         description="queue + inference budget per request before the batcher answers 503; "
         "generous so a burst of clients queues instead of being shed",
     )
+    warmup_requests: int = Field(
+        12,
+        ge=0,
+        description="requests run through the batcher before ready, to train its latency model",
+    )
     max_images_per_request: int = Field(64, ge=1, description="images in one /classify call")
     default_top_k: int = Field(5, ge=1, description="predictions per image when top_k is absent")
     max_image_pixels: int = Field(
