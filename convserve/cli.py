@@ -78,7 +78,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from export.onnx_export import ExportConfig, export_onnx
     from export.store import save_model, store_name
-    from export.verify import MAX_ABS_LOGIT_DIFF, check_parity
+    from export.verify import MAX_ABS_LOGIT_DIFF, check_parity, known_inputs
 
     checkpoint = Path(args.checkpoint)
     output = Path(args.output) if args.output else checkpoint.with_suffix(".onnx")
@@ -94,7 +94,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return 1
     if args.no_store:
         return 0
-    stored = save_model(path, spec, args.name or store_name(spec))
+    inputs = known_inputs(spec, data_dir=args.data_dir)
+    stored = save_model(path, spec, args.name or store_name(spec), inputs)
     print(f"stored {stored.tag} (sha256 {stored.sha256[:12]}…)")
     return 0
 
@@ -119,8 +120,10 @@ def _ensure_default_model(tag: str, data_dir: str | None) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.train_if_missing:
-        _ensure_default_model(args.model, args.data_dir)
-    env = {**os.environ, "CONVSERVE_MODEL": args.model}
+        for tag in args.models.split(","):
+            if tag.strip().partition(":")[0] == DEFAULT_TAG.partition(":")[0]:
+                _ensure_default_model(tag.strip(), args.data_dir)
+    env = {**os.environ, "CONVSERVE_MODELS": args.models}
     cmd = [
         sys.executable,
         "-m",
@@ -180,7 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("serve", help="serve a stored model over HTTP (bentoml serve)")
-    p.add_argument("--model", default=DEFAULT_TAG, help=f"store tag (default {DEFAULT_TAG})")
+    p.add_argument(
+        "--models",
+        default=os.environ.get("CONVSERVE_MODELS", DEFAULT_TAG),
+        help=f"store tags, comma-separated, the first the default (default {DEFAULT_TAG})",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
     p.add_argument(

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import torch
 
 from models.data import load_fashion_mnist
+from models.spec import ModelSpec
 from models.train import load_checkpoint
 
 # Stated tolerance: float32 kernels of two runtimes agree to ~1e-6 on logits of this size.
@@ -33,6 +34,12 @@ def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...
     m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
     return (x - m) / s
+
+
+def known_inputs(spec: ModelSpec, *, count: int = 16, data_dir: str | None = None) -> np.ndarray:
+    """The first `count` Fashion-MNIST test images, preprocessed for `spec` (start-up self-test)."""
+    test = load_fashion_mnist("test", data_dir)
+    return normalize(test.images[:count], spec.input.mean, spec.input.std)
 
 
 def check_parity(

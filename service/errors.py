@@ -39,13 +39,21 @@ def error_response(
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
-async def handle_api_error(_request: Request, exc: Exception) -> JSONResponse:
+def _count(request: Request, code: str) -> None:
+    # The service puts a metrics hook on app.state; the handlers also work without one.
+    if hook := getattr(request.app.state, "on_error", None):
+        hook(code)
+
+
+async def handle_api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
+    _count(request, exc.code)
     return error_response(exc.status, exc.code, exc.message, exc.headers)
 
 
-async def handle_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    _count(request, "invalid_request")
     # Name the offending fields, never echo their values (they may be large or binary).
     problems = "; ".join(_describe(err) for err in exc.errors())
     return error_response(422, "invalid_request", problems or "invalid request")

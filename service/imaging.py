@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -11,14 +13,25 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from models.spec import InputSpec
 from service.errors import ApiError
 
-# Formats whose decoders are mature and in scope; PIL would otherwise try every plugin it has.
-ALLOWED_FORMATS = ("PNG", "JPEG")
+# Formats whose decoders are mature and in scope; PIL would otherwise try every plugin it has
+# (PSD, EPS, PDF, FITS, JPEG 2000, ...). The bytes decide the format, never the Content-Type.
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 # Alpha is composited on black: Fashion-MNIST garments are light on a black background.
 BACKGROUND = 0
 
 
-def decode(data: bytes, *, max_pixels: int, name: str = "image") -> Image.Image:
-    """Open `data` as an allowed format and check its size before any pixel is decoded."""
+@dataclass(frozen=True)
+class ImageLimits:
+    max_pixels: int = 25_000_000
+    min_side: int = 1
+    max_aspect_ratio: float = math.inf
+
+
+def decode(data: bytes, limits: ImageLimits = ImageLimits(), *, name: str = "image") -> Image.Image:
+    """Open `data` as an allowed format and check its size before any pixel is decoded.
+
+    Multi-frame GIF and WebP give their first frame.
+    """
     if not data:
         raise ApiError(400, "empty_image", f"{name} is empty")
     try:
@@ -27,7 +40,9 @@ def decode(data: bytes, *, max_pixels: int, name: str = "image") -> Image.Image:
             img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
         raise ApiError(
-            415, "unsupported_image", f"{name} is not a {' or '.join(ALLOWED_FORMATS)} image"
+            415,
+            "unsupported_image",
+            f"{name} is not a {', '.join(ALLOWED_FORMATS[:-1])} or {ALLOWED_FORMATS[-1]} image",
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ApiError(413, "image_too_large", f"{name} has too many pixels") from None
@@ -36,11 +51,24 @@ def decode(data: bytes, *, max_pixels: int, name: str = "image") -> Image.Image:
     width, height = img.size
     if width < 1 or height < 1:
         raise ApiError(400, "invalid_image", f"{name} has no pixels")
-    if width * height > max_pixels:
+    if width * height > limits.max_pixels:
         raise ApiError(
             413,
             "image_too_large",
-            f"{name} is {width}x{height} pixels; at most {max_pixels} pixels are accepted",
+            f"{name} is {width}x{height} pixels; at most {limits.max_pixels} pixels are accepted",
+        )
+    if min(width, height) < limits.min_side:
+        raise ApiError(
+            422,
+            "image_too_small",
+            f"{name} is {width}x{height} pixels; each side must be at least {limits.min_side}",
+        )
+    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
+        raise ApiError(
+            422,
+            "bad_aspect_ratio",
+            f"{name} is {width}x{height} pixels; the aspect ratio may be at most "
+            f"{limits.max_aspect_ratio:g}:1",
         )
     try:
         img.load()  # decode now, inside the error mapping; truncated files fail here
@@ -88,5 +116,7 @@ def to_input(img: Image.Image, spec: InputSpec) -> np.ndarray:
     return (x - mean) / std
 
 
-def preprocess(data: bytes, spec: InputSpec, *, max_pixels: int, name: str) -> np.ndarray:
-    return to_input(decode(data, max_pixels=max_pixels, name=name), spec)
+def preprocess(
+    data: bytes, spec: InputSpec, limits: ImageLimits = ImageLimits(), *, name: str = "image"
+) -> np.ndarray:
+    return to_input(decode(data, limits, name=name), spec)

@@ -1,4 +1,4 @@
-"""ONNX Runtime session for one stored model: explicit options, logits -> top-k predictions."""
+"""ONNX Runtime sessions: explicit options, checked providers, logits -> top-k predictions."""
 
 from __future__ import annotations
 
@@ -8,9 +8,18 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from export.store import StoredModel
-
 log = logging.getLogger("convserve.runtime")
+
+GRAPH_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class ProviderError(Exception):
+    """A requested execution provider is unavailable or did not become active."""
 
 
 @dataclass(frozen=True)
@@ -18,6 +27,20 @@ class SessionConfig:
     intra_op_threads: int
     inter_op_threads: int = 1
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    allow_provider_fallback: bool = False
+    graph_optimization_level: str = "all"
+    enable_mem_arena: bool = True
+
+
+def check_providers_available(config: SessionConfig) -> None:
+    """Before loading anything: every requested provider is in this ONNX Runtime build."""
+    missing = [p for p in config.providers if p not in ort.get_available_providers()]
+    if missing and not config.allow_provider_fallback:
+        raise ProviderError(
+            f"execution provider(s) {', '.join(missing)} requested but this ONNX Runtime build "
+            f"offers only {', '.join(ort.get_available_providers())}; install the gpu extra, "
+            "change CONVSERVE_PROVIDERS, or set CONVSERVE_ALLOW_PROVIDER_FALLBACK=true"
+        )
 
 
 def make_session(model_path: str, config: SessionConfig) -> ort.InferenceSession:
@@ -25,14 +48,26 @@ def make_session(model_path: str, config: SessionConfig) -> ort.InferenceSession
     options.intra_op_num_threads = config.intra_op_threads
     options.inter_op_num_threads = config.inter_op_threads
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # CNNs are one chain of ops
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.enable_cpu_mem_arena = True  # batches of similar size reuse the arena's blocks
-    options.enable_mem_pattern = True
-    options.log_severity_level = 3  # warnings from ORT go to the server log as errors only
+    options.graph_optimization_level = GRAPH_LEVELS[config.graph_optimization_level]
+    options.enable_cpu_mem_arena = config.enable_mem_arena  # similar batches reuse its blocks
+    options.enable_mem_pattern = config.enable_mem_arena
+    options.log_severity_level = 3  # ORT's own warnings would flood the server log
+    check_providers_available(config)
+    available = [p for p in config.providers if p in ort.get_available_providers()]
     session = ort.InferenceSession(
-        model_path, sess_options=options, providers=list(config.providers)
+        model_path, sess_options=options, providers=available or ["CPUExecutionProvider"]
     )
-    log.info("ONNX Runtime session for %s on %s", model_path, session.get_providers())
+    # ORT silently drops a provider that fails to initialise (no GPU, wrong CUDA): look.
+    active = session.get_providers()
+    inactive = [p for p in config.providers if p not in active]
+    if inactive:
+        message = (
+            f"execution provider(s) {', '.join(inactive)} requested but not active "
+            f"(active: {', '.join(active)})"
+        )
+        if not config.allow_provider_fallback:
+            raise ProviderError(message + "; set CONVSERVE_ALLOW_PROVIDER_FALLBACK=true to run")
+        log.warning("%s; falling back as allowed", message)
     return session
 
 
@@ -52,13 +87,16 @@ def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class OnnxClassifier:
-    """Logits for N x C x H x W float32 batches of one model. Thread-safe (ORT sessions are)."""
+    """Logits for N x C x H x W float32 batches of one model file. Thread-safe (ORT sessions are).
 
-    def __init__(self, stored: StoredModel, config: SessionConfig) -> None:
-        self.stored = stored
-        self.spec = stored.spec
-        self.session = make_session(str(stored.path), config)
-        self.input_name = self.session.get_inputs()[0].name
+    `session` may be any object with ONNX Runtime's `run`/`get_inputs`/`get_providers`: unit
+    tests pass a fake one.
+    """
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        self.provider = session.get_providers()[0]
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         (out,) = self.session.run(None, {self.input_name: batch})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.spec import InputSpec
 
 
 class Prediction(BaseModel):
@@ -21,4 +23,60 @@ class ClassifyResponse(BaseModel):
         description="store tag of the model that answered",
         examples=["fashion-lenet5:oxpa3ixhw64noax4"],
     )
-    results: list[ImageResult] = Field(description="one per uploaded image, in upload order")
+    results: list[ImageResult] = Field(description="one per image, in the order sent")
+
+
+class EncodedImage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(
+        description="base64 of the image file's bytes (a data: URL is accepted too)",
+        examples=["iVBORw0KGgoAAAANSUhEUgAA..."],
+    )
+    filename: str | None = Field(None, description="echoed in the result", examples=["boot.png"])
+
+
+class ClassifyJsonRequest(BaseModel):
+    """JSON variant of /classify. `top_k`, `model` and `version` may be given here or in the
+    query string, not both with different values."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"images": [{"data": "iVBORw0KGgo...", "filename": "boot.png"}]}]
+        },
+    )
+
+    images: list[EncodedImage | str] = Field(
+        min_length=1, description="base64-encoded image files, or objects with data + filename"
+    )
+    top_k: int | None = Field(None, ge=1)
+    model: str | None = None
+    version: str | None = None
+
+
+class ModelVersion(BaseModel):
+    version: str = Field(examples=["oxpa3ixhw64noax4"])
+    tag: str = Field(examples=["fashion-lenet5:oxpa3ixhw64noax4"])
+    default: bool = Field(description="answers requests that name this model but no version")
+    created: str = Field(description="ISO 8601 time the model was saved to the store")
+    architecture: str = Field(examples=["lenet5"])
+    input: InputSpec
+    labels: list[str]
+    provider: str = Field(
+        description="active ONNX Runtime execution provider", examples=["CPUExecutionProvider"]
+    )
+    sha256: str = Field(description="of the ONNX file, verified at start-up")
+    metrics: dict[str, float] = Field(
+        description="recorded at training/export", examples=[{"test_accuracy": 0.9056}]
+    )
+
+
+class ServedModelInfo(BaseModel):
+    name: str = Field(examples=["fashion-lenet5"])
+    versions: list[ModelVersion]
+
+
+class ModelsResponse(BaseModel):
+    default: str = Field(description="tag of the model used when a request names none")
+    models: list[ServedModelInfo]

@@ -1,11 +1,32 @@
-"""Service configuration from `CONVSERVE_*` environment variables (pydantic settings)."""
+"""Service configuration: `CONVSERVE_*` environment variables, optionally a TOML file.
+
+Precedence, highest first: environment, the file named by `CONVSERVE_CONFIG_FILE`, defaults.
+The README's settings table is checked against this class by a test.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_FILE_ENV = "CONVSERVE_CONFIG_FILE"
+
+# Short names a user may write, and the ONNX Runtime providers they stand for.
+PROVIDER_ALIASES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
 
 
 def _available_cores() -> int:
@@ -13,30 +34,121 @@ def _available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class ServiceSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CONVSERVE_", frozen=True)
+def _split_list(value: object) -> object:
+    """'a, b' -> ['a', 'b'] (environment); lists (TOML) pass through."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
 
-    model: str = Field("fashion-lenet5:latest", description="model store tag to serve")
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONVSERVE_", frozen=True, extra="forbid")
+
+    models: CommaList = Field(
+        default=["fashion-lenet5:latest"],
+        min_length=1,
+        description="model store tags to serve, comma-separated; the first is the default model",
+    )
     max_batch_size: int = Field(
         128, ge=1, description="most images one ONNX Runtime call receives (adaptive batching)"
     )
     max_latency_ms: int = Field(
         2000,
         ge=1,
-        description="queue + inference budget per request before the batcher answers 503; "
-        "generous so a burst of clients queues instead of being shed",
+        description="queue + inference budget per request; a queued request that can no longer "
+        "meet it is answered 503 at once",
+    )
+    request_timeout_ms: int = Field(
+        10_000, ge=1, description="hard deadline for one inference request; past it, 504"
     )
     warmup_requests: int = Field(
         12,
         ge=0,
-        description="requests run through the batcher before ready, to train its latency model",
+        description="requests run through each batcher before ready, to train its latency model",
     )
-    max_images_per_request: int = Field(64, ge=1, description="images in one /classify call")
+    max_in_flight: int = Field(
+        256, ge=1, description="inference requests handled at once; more are answered 503"
+    )
+    max_queued_images: int = Field(
+        2048, ge=1, description="images waiting for or in inference, per model; more: 503"
+    )
+    max_body_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="request body limit in bytes; larger: 413"
+    )
+    max_images_per_request: int = Field(64, ge=1, description="images in one request")
     default_top_k: int = Field(5, ge=1, description="predictions per image when top_k is absent")
     max_image_pixels: int = Field(
         25_000_000, ge=1, description="width x height cap, checked before pixels are decoded"
     )
+    min_image_side: int = Field(8, ge=1, description="shortest accepted image side, in pixels")
+    max_aspect_ratio: float = Field(
+        20.0, ge=1.0, description="longest side / shortest side of an accepted image"
+    )
+    providers: CommaList = Field(
+        default=["cpu"],
+        min_length=1,
+        description="ONNX Runtime execution providers in order of preference: tensorrt, cuda, "
+        "cpu (or full ORT names)",
+    )
+    allow_provider_fallback: bool = Field(
+        False,
+        description="start even if a requested provider is not active (the active one is "
+        "logged and shown by GET /models)",
+    )
     intra_op_threads: int = Field(
-        default_factory=_available_cores, ge=1, description="ONNX Runtime threads per operator"
+        default_factory=_available_cores,
+        ge=1,
+        description="ONNX Runtime threads per operator (default: the cores this process may use)",
     )
     inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime threads across operators")
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="ONNX Runtime graph optimizations"
+    )
+    enable_mem_arena: bool = Field(
+        True, description="ONNX Runtime CPU memory arena (faster; holds peak memory)"
+    )
+    known_answer_atol: float = Field(
+        1e-3,
+        gt=0,
+        description="start-up self-test: largest logit difference from the answer recorded at "
+        "export",
+    )
+
+    @field_validator("models", "providers", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("providers")
+    @classmethod
+    def _provider_names(cls, value: list[str]) -> list[str]:
+        return [PROVIDER_ALIASES.get(p.lower(), p) for p in value]
+
+    @model_validator(mode="after")
+    def _queue_holds_a_request(self) -> ServiceSettings:
+        if self.max_queued_images < self.max_images_per_request:
+            raise ValueError("max_queued_images must be at least max_images_per_request")
+        return self
+
+    @property
+    def default_model(self) -> str:
+        return self.models[0]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path := os.environ.get(CONFIG_FILE_ENV):
+            if not os.path.isfile(path):
+                raise ValueError(f"{CONFIG_FILE_ENV}={path} is not a file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)

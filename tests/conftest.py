@@ -27,8 +27,7 @@ def _source_digest() -> str:
     for path in sorted(
         [
             *(ROOT / "models").glob("*.py"),
-            *(ROOT / "export").glob("*.py"),
-            ROOT / "convserve" / "cli.py",
+            ROOT / "convserve" / "cli.py",  # training defaults
         ]
     ):
         digest.update(path.read_bytes())

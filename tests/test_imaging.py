@@ -9,10 +9,9 @@ from PIL import Image
 from export.verify import normalize
 from models.spec import FASHION_MNIST_MEAN, FASHION_MNIST_STD, InputSpec
 from service.errors import ApiError
-from service.imaging import decode, preprocess, to_input
+from service.imaging import ImageLimits, decode, preprocess, to_input
 
 SPEC = InputSpec(channels=1, height=28, width=28, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
-MAX = 25_000_000
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -27,7 +26,7 @@ def garment(fashion_test) -> np.ndarray:
 
 
 def test_grey_png_matches_training_preprocessing_exactly(garment):
-    x = preprocess(encode(Image.fromarray(garment)), SPEC, max_pixels=MAX, name="t")
+    x = preprocess(encode(Image.fromarray(garment)), SPEC)
     expected = normalize(garment[None], SPEC.mean, SPEC.std)[0]
     assert x.dtype == np.float32 and x.shape == (1, 28, 28)
     assert np.array_equal(x, expected)
@@ -40,7 +39,7 @@ def test_rgb_and_alpha_and_16bit_give_the_same_pixels(garment):
     la = Image.fromarray(np.dstack([garment, np.full_like(garment, 255)]), mode="LA")
     sixteen = Image.fromarray(garment.astype(np.uint16) * 257)  # full 16-bit range, I;16
     for img in (rgb, rgba, la, sixteen):
-        assert np.allclose(to_input(decode(encode(img), max_pixels=MAX), SPEC), grey, atol=1e-6)
+        assert np.allclose(to_input(decode(encode(img)), SPEC), grey, atol=1e-6)
 
 
 def test_transparent_pixels_become_the_black_background():
@@ -51,7 +50,7 @@ def test_transparent_pixels_become_the_black_background():
 
 def test_any_size_is_resized_to_the_spec(garment):
     big = Image.fromarray(garment).resize((300, 200))
-    assert to_input(decode(encode(big, "JPEG"), max_pixels=MAX), SPEC).shape == (1, 28, 28)
+    assert to_input(decode(encode(big, "JPEG")), SPEC).shape == (1, 28, 28)
 
 
 @pytest.mark.parametrize(
@@ -64,19 +63,19 @@ def test_any_size_is_resized_to_the_spec(garment):
 )
 def test_bad_bytes_are_client_errors(data, status, code):
     with pytest.raises(ApiError) as err:
-        decode(data, max_pixels=MAX, name="image 1")
+        decode(data, name="image 1")
     assert (err.value.status, err.value.code) == (status, code)
 
 
 def test_truncated_png_is_a_client_error(garment):
     data = encode(Image.fromarray(garment))
     with pytest.raises(ApiError) as err:
-        decode(data[: len(data) // 2], max_pixels=MAX)
+        decode(data[: len(data) // 2])
     assert err.value.status == 400
 
 
 def test_pixel_cap_is_checked_before_decoding():
     data = encode(Image.new("L", (2000, 2000)))
     with pytest.raises(ApiError) as err:
-        decode(data, max_pixels=1_000_000)
+        decode(data, ImageLimits(max_pixels=1_000_000))
     assert (err.value.status, err.value.code) == (413, "image_too_large")

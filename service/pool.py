@@ -1,0 +1,171 @@
+"""The models a service serves: each verified, with its own session and batcher.
+
+Start-up contract for every model, in `open_model`: present in the store, ONNX file byte for
+byte as exported (sha256), session created on the requested providers, and the known answer
+recorded at export reproduced. Any failure is a `StartupError` whose message is for operators.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import anyio.to_thread
+import numpy as np
+
+from export.store import StoredModel, StoreError, load_model, read_known_answer, verify_file
+from models.spec import ModelSpec
+from service.batching import Batcher
+from service.errors import ApiError
+from service.metrics import ServiceMetrics
+from service.runtime import OnnxClassifier, ProviderError, SessionConfig, make_session
+from service.settings import ServiceSettings
+
+log = logging.getLogger("convserve.pool")
+
+
+class StartupError(Exception):
+    """A served model cannot be used; the service must not start."""
+
+
+def session_config(settings: ServiceSettings) -> SessionConfig:
+    return SessionConfig(
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+        providers=tuple(settings.providers),
+        allow_provider_fallback=settings.allow_provider_fallback,
+        graph_optimization_level=settings.graph_optimization_level,
+        enable_mem_arena=settings.enable_mem_arena,
+    )
+
+
+def check_known_answer(stored: StoredModel, classifier: OnnxClassifier, atol: float) -> float:
+    """Largest logit difference from the export-time answer; raises if over `atol`."""
+    inputs, expected = read_known_answer(stored)
+    actual = classifier.logits(inputs)
+    if actual.shape != expected.shape or actual.shape[1] != stored.spec.num_classes:
+        raise StartupError(
+            f"model {stored.tag}: self-test output shape {actual.shape}, expected "
+            f"{expected.shape} for {stored.spec.num_classes} labels"
+        )
+    diff = float(np.abs(actual - expected).max())
+    top1_same = bool((actual.argmax(1) == expected.argmax(1)).all())
+    if diff > atol or not top1_same:
+        raise StartupError(
+            f"model {stored.tag}: start-up self-test failed (max logit difference {diff:.2e}, "
+            f"allowed {atol:.0e}, top-1 {'same' if top1_same else 'different'})"
+        )
+    return diff
+
+
+def open_model(tag: str, settings: ServiceSettings) -> tuple[StoredModel, OnnxClassifier]:
+    try:
+        stored = load_model(tag)
+        verify_file(stored)
+        session = make_session(str(stored.path), session_config(settings))
+        classifier = OnnxClassifier(session)
+        diff = check_known_answer(stored, classifier, settings.known_answer_atol)
+    except (StoreError, ProviderError) as exc:
+        raise StartupError(str(exc)) from None
+    log.info(
+        "%s verified (sha256 %s…, self-test max |Δ| %.1e) on %s",
+        stored.tag,
+        stored.sha256[:12],
+        diff,
+        classifier.provider,
+    )
+    return stored, classifier
+
+
+def _refuse_duplicates(tags: list[str]) -> None:
+    if len(set(tags)) != len(tags):
+        raise StartupError(f"a model is listed twice in CONVSERVE_MODELS: {', '.join(tags)}")
+
+
+def preflight(settings: ServiceSettings) -> None:
+    """Everything start-up checks, done once before any worker starts."""
+    _refuse_duplicates([open_model(tag, settings)[0].tag for tag in settings.models])
+
+
+@dataclass
+class ServedModel:
+    stored: StoredModel
+    classifier: OnnxClassifier
+    batcher: Batcher
+    listed_as: str  # the tag as configured, e.g. "fashion-lenet5:latest"
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.stored.spec
+
+
+@dataclass
+class ModelPool:
+    """Lookup by name and version; the first configured model is the default."""
+
+    models: list[ServedModel]
+    ready: bool = False
+    _by_name: dict[str, list[ServedModel]] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        for served in self.models:
+            self._by_name.setdefault(served.stored.name, []).append(served)
+
+    @classmethod
+    def load(cls, settings: ServiceSettings, metrics: ServiceMetrics | None) -> ModelPool:
+        models = []
+        for tag in settings.models:
+            stored, classifier = open_model(tag, settings)
+            batcher = Batcher(
+                classifier.probabilities,
+                max_batch_size=settings.max_batch_size,
+                max_latency_ms=settings.max_latency_ms,
+                max_queued_images=settings.max_queued_images,
+                timeout_s=settings.request_timeout_ms / 1000,
+                observer=metrics.observer(stored.tag) if metrics else None,
+            )
+            models.append(ServedModel(stored, classifier, batcher, listed_as=tag))
+        _refuse_duplicates([m.stored.tag for m in models])
+        return cls(models)
+
+    @property
+    def default(self) -> ServedModel:
+        return self.models[0]
+
+    def get(self, name: str | None = None, version: str | None = None) -> ServedModel:
+        """The model a request asked for; 404 ApiError when it is not served."""
+        if name is None and version is None:
+            return self.default
+        name = name or self.default.stored.name
+        candidates = self._by_name.get(name)
+        if not candidates:
+            raise ApiError(
+                404,
+                "model_not_found",
+                f"model {name!r} is not served; GET /models lists the served ones",
+            )
+        if version is None:
+            return candidates[0]
+        if version == "latest":
+            return max(candidates, key=lambda m: m.stored.created)
+        for served in candidates:
+            if served.stored.version == version:
+                return served
+        raise ApiError(
+            404,
+            "version_not_found",
+            f"version {version!r} of model {name!r} is not served; GET /models lists them",
+        )
+
+    async def warm_up(self, settings: ServiceSettings) -> None:
+        for served in self.models:
+            spec = served.spec.input
+            # A full-size batch first, so ORT's arena holds the largest buffers before traffic.
+            full = np.zeros(spec.shape(settings.max_batch_size), dtype=np.float32)
+            await anyio.to_thread.run_sync(served.classifier.probabilities, full)
+            await served.batcher.warm_up(full[:1], settings.warmup_requests)
+        self.ready = True
+
+    def shutdown(self) -> None:
+        for served in self.models:
+            served.batcher.shutdown()
