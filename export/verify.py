@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from PIL import Image
 
 from models.data import load_fashion_mnist
 from models.spec import ModelSpec
 from models.train import load_checkpoint
+from service.imaging import to_input
 
 # Stated tolerance: float32 kernels of two runtimes agree to ~1e-6 on logits of this size.
 MAX_ABS_LOGIT_DIFF = 1e-4
@@ -37,9 +39,10 @@ def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...
 
 
 def known_inputs(spec: ModelSpec, *, count: int = 16, data_dir: str | None = None) -> np.ndarray:
-    """The first `count` Fashion-MNIST test images, preprocessed for `spec` (start-up self-test)."""
+    """The first `count` Fashion-MNIST test images, preprocessed for `spec` exactly as the
+    service does (any channels and size): the inputs of the start-up self-test."""
     test = load_fashion_mnist("test", data_dir)
-    return normalize(test.images[:count], spec.input.mean, spec.input.std)
+    return np.stack([to_input(Image.fromarray(img), spec.input) for img in test.images[:count]])
 
 
 def check_parity(

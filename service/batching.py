@@ -28,6 +28,12 @@ def _overloaded() -> np.ndarray:
     raise ApiError(503, "overloaded", "the server is overloaded; retry shortly", RETRY_AFTER)
 
 
+def _consume(task: asyncio.Future) -> None:
+    # Retrieve an abandoned task's outcome so asyncio does not log it as never retrieved.
+    if not task.cancelled():
+        task.exception()
+
+
 class BatchObserver(Protocol):
     def on_batch(self, images: int, queue_waits_s: Sequence[float]) -> None: ...
 
@@ -96,19 +102,30 @@ class Batcher:
                 RETRY_AFTER,
             )
         self.pending_images += n
+        try:
+            return await self._submit(x)
+        finally:
+            self.pending_images -= n
+
+    async def _submit(self, x: np.ndarray) -> np.ndarray:
         stamped = x.view(_Stamped)
         stamped.enqueued_at = time.perf_counter()
+        task = asyncio.ensure_future(self._call(stamped))
         try:
-            return await asyncio.wait_for(self._call(stamped), self.timeout_s)
-        except TimeoutError:
+            done, _ = await asyncio.wait({task}, timeout=self.timeout_s)
+        except asyncio.CancelledError:  # the client went away: free its place in the queue
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()  # the dispatcher answers a cancelled job with its fallback error
+            task.add_done_callback(_consume)
             raise ApiError(
                 504,
                 "deadline_exceeded",
                 f"inference did not finish within {self.timeout_s:g} s; retry later",
                 RETRY_AFTER,
-            ) from None
-        finally:
-            self.pending_images -= n
+            )
+        return task.result()
 
     async def warm_up(self, example: np.ndarray, requests: int = 12) -> None:
         """Run the dispatcher's latency-model training on our own requests, not users'.

@@ -8,6 +8,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("convserve.errors")
 
@@ -66,6 +67,24 @@ def _describe(err: dict) -> str:
         # Pydantic's text names Python classes; say what the client must send instead.
         return f"{where}: must be an uploaded file (text and URLs are not accepted)"
     return f"{where}: {err.get('msg', 'invalid')}"
+
+
+HTTP_CODES = {
+    400: "malformed_body",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+async def handle_http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own errors (bad multipart framing, unknown route) in our format."""
+    assert isinstance(exc, StarletteHTTPException)
+    code = HTTP_CODES.get(exc.status_code, "http_error")
+    _count(request, code)
+    message = exc.detail if isinstance(exc.detail, str) else "request refused"
+    return error_response(exc.status_code, code, message, exc.headers)
 
 
 async def handle_unexpected(_request: Request, exc: Exception) -> JSONResponse:

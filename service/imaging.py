@@ -20,6 +20,14 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 BACKGROUND = 0
 
 
+def _has_allowed_signature(data: bytes) -> bool:
+    """The file starts like PNG, JPEG, WebP or GIF: a failure to open it is corruption."""
+    return (
+        data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a"))
+        or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+    )
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     max_pixels: int = 25_000_000
@@ -39,6 +47,8 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits(), *, name: str = "ima
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
+        if _has_allowed_signature(data):
+            raise ApiError(400, "invalid_image", f"{name} is corrupt") from None
         raise ApiError(
             415,
             "unsupported_image",

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from service.admission import AdmissionLimits, AdmissionMiddleware
@@ -30,6 +31,7 @@ from service.errors import (
     ApiError,
     ErrorResponse,
     handle_api_error,
+    handle_http_error,
     handle_unexpected,
     handle_validation_error,
 )
@@ -65,6 +67,7 @@ app = FastAPI(
 app.add_middleware(AdmissionMiddleware)
 app.add_exception_handler(ApiError, handle_api_error)
 app.add_exception_handler(RequestValidationError, handle_validation_error)
+app.add_exception_handler(StarletteHTTPException, handle_http_error)
 app.add_exception_handler(Exception, handle_unexpected)
 
 
@@ -299,7 +302,7 @@ class Classifier:
         version: Annotated[str | None, Query(description="model version, or 'latest'")] = None,
     ) -> ClassifyResponse:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type == "multipart/form-data":
+        if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
             served, k = self._resolve(model, version, top_k_)
             images = await self._images_from_form(request)
         elif content_type == "application/json":

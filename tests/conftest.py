@@ -93,3 +93,45 @@ def default_stored(default_run: Path, bentoml_home: Path):
     from export.store import load_model
 
     return load_model("fashion-lenet5:latest")
+
+
+def _store(checkpoint: Path, name: str, out: Path):
+    from export.onnx_export import ExportConfig, export_onnx
+    from export.store import save_model
+    from export.verify import known_inputs
+
+    path, spec = export_onnx(ExportConfig(checkpoint=str(checkpoint), output=str(out)))
+    return save_model(path, spec, name, known_inputs(spec))
+
+
+@pytest.fixture(scope="session")
+def quick_stored(quick_run, bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Two versions of the quick model in the store (the second one is `latest`)."""
+    out = tmp_path_factory.mktemp("quick-export") / "quick.onnx"
+    first = _store(quick_run.checkpoint, "quick-lenet5", out)
+    second = _store(quick_run.checkpoint, "quick-lenet5", out)
+    return first, second
+
+
+@pytest.fixture(scope="session")
+def rgb_stored(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory):
+    """An untrained LeNet-5 for 3 x 32 x 32 input: a second model with its own input spec."""
+    import torch
+
+    from models import create_model
+    from models.spec import ModelSpec
+
+    out = tmp_path_factory.mktemp("rgb")
+    torch.manual_seed(0)
+    kwargs = {"in_channels": 3, "input_size": 32, "num_classes": 10}
+    model = create_model("lenet5", **kwargs)
+    spec = ModelSpec(
+        architecture="lenet5",
+        kwargs=kwargs,
+        input={"channels": 3, "height": 32, "width": 32, "mean": (0.5,) * 3, "std": (0.25,) * 3},
+        labels=tuple(f"class {i}" for i in range(10)),
+    )
+    torch.save(
+        {"spec": spec.model_dump(mode="json"), "state_dict": model.state_dict()}, out / "rgb.pt"
+    )
+    return _store(out / "rgb.pt", "rgb-lenet5", out / "rgb.onnx")

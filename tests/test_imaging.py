@@ -58,7 +58,8 @@ def test_any_size_is_resized_to_the_spec(garment):
     [
         (b"", 400, "empty_image"),
         (b"hello, not an image", 415, "unsupported_image"),
-        (b"GIF89a" + b"\0" * 64, 415, "unsupported_image"),
+        (b"GIF89a" + b"\0" * 64, 400, "invalid_image"),  # an allowed format, corrupt
+        (b"8BPS\x00\x01" + b"\0" * 64, 415, "unsupported_image"),  # Photoshop
     ],
 )
 def test_bad_bytes_are_client_errors(data, status, code):

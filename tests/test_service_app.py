@@ -1,0 +1,461 @@
+"""The service's ASGI app in-process (BentoML's own app, lifecycle hooks included) over HTTP.
+
+Serves three models at once: two versions of a quickly trained LeNet-5 (1 x 28 x 28) and an
+untrained LeNet-5 for 3 x 32 x 32, so routing by name and version and per-model input specs
+are visible in the answers.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import socket
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+from starlette.testclient import TestClient
+
+from service.imaging import preprocess
+from service.pool import open_model
+from service.runtime import softmax
+from service.settings import ServiceSettings
+
+INTERNALS = re.compile(r"Traceback|File \"|0x[0-9a-f]{6,}|(/[\w.-]+){2,}|site-packages")
+
+
+@pytest.fixture(scope="module")
+def served(quick_stored, rgb_stored):
+    older, latest = quick_stored
+    return {"latest": latest, "older": older, "rgb": rgb_stored}
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from service.service import Classifier
+
+    env = {
+        "CONVSERVE_MODELS": f"quick-lenet5:latest,{served['older'].tag},rgb-lenet5:latest",
+        "CONVSERVE_WARMUP_REQUESTS": "2",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        with TestClient(Classifier.to_asgi(), raise_server_exceptions=False) as c:
+            yield c
+
+
+@pytest.fixture(scope="module")
+def predict(served):
+    """In-process answer for image bytes: the same decoder, the stored file, plain ORT."""
+    settings = ServiceSettings(models=[served["latest"].tag])
+    _, classifier = open_model(served["latest"].tag, settings)
+
+    def run(data: bytes) -> np.ndarray:
+        x = preprocess(data, served["latest"].spec.input)[None]
+        return softmax(classifier.logits(x))[0]
+
+    return run
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def confident(fashion_test, predict) -> list[np.ndarray]:
+    """Test garments the quick model is sure of, so a colour-mode change cannot flip a tie."""
+    def margin(img: np.ndarray) -> float:
+        p = np.sort(predict(encode(Image.fromarray(img))))
+        return float(p[-1] - p[-2])
+
+    margins = [margin(img) for img in fashion_test.images[:200]]
+    best = np.argsort(margins)[::-1][:4]
+    assert margins[best[-1]] > 0.3
+    return [fashion_test.images[i] for i in best]
+
+
+def top1(resp) -> list[int]:
+    assert resp.status_code == 200, resp.text
+    return [r["predictions"][0]["index"] for r in resp.json()["results"]]
+
+
+def assert_error(resp, status: int, code: str) -> None:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    error = resp.json()["error"]
+    assert error["code"] == code, error
+    assert error["message"] and not INTERNALS.search(error["message"]), error["message"]
+
+
+# --- the API ---------------------------------------------------------------------------------
+
+
+def test_multipart_answers_equal_in_process_inference(client, fashion_test, predict, served):
+    files = [
+        ("images", (f"{i}.png", encode(Image.fromarray(img)), "image/png"))
+        for i, img in enumerate(fashion_test.images[:6])
+    ]
+    body = client.post("/classify", files=files, params={"top_k": 3}).json()
+    assert body["model"] == served["latest"].tag
+    for (_, (name, data, _)), result in zip(files, body["results"], strict=True):
+        expected = predict(data)
+        assert result["filename"] == name
+        assert [p["index"] for p in result["predictions"]] == list(np.argsort(-expected)[:3])
+        assert result["predictions"][0]["probability"] == pytest.approx(expected.max(), abs=1e-6)
+
+
+def test_json_base64_equals_multipart(client, fashion_test):
+    images = [encode(Image.fromarray(img)) for img in fashion_test.images[:4]]
+    multipart = client.post("/classify", files=[("images", ("x.png", d)) for d in images])
+    payload = {
+        "images": [
+            base64.b64encode(images[0]).decode(),
+            {"data": base64.b64encode(images[1]).decode(), "filename": "b.png"},
+            "data:image/png;base64," + base64.b64encode(images[2]).decode(),
+            base64.urlsafe_b64encode(images[3]).decode().rstrip("="),
+        ],
+        "top_k": 5,
+    }
+    as_json = client.post("/classify", json=payload)
+    assert top1(as_json) == top1(multipart)
+    assert as_json.json()["results"][1]["filename"] == "b.png"
+    for a, b in zip(as_json.json()["results"], multipart.json()["results"], strict=True):
+        assert a["predictions"] == b["predictions"]
+
+
+@pytest.mark.parametrize("layout", ["npy-uint8", "npy-float32", "raw-uint8", "raw-float32"])
+def test_tensor_endpoint_equals_image_upload(client, fashion_test, layout):
+    from export.verify import normalize
+
+    pixels = fashion_test.images[:5]
+    images = client.post(
+        "/classify", files=[("images", ("x.png", encode(Image.fromarray(p)))) for p in pixels]
+    )
+    tensor = (
+        pixels[:, None] if layout.endswith("uint8") else normalize(pixels, (0.2860,), (0.3530,))
+    )
+    if layout.startswith("npy"):
+        buf = io.BytesIO()
+        np.save(buf, tensor)
+        resp = client.post(
+            "/classify/tensor",
+            content=buf.getvalue(),
+            headers={"content-type": "application/x-npy"},
+        )
+    else:
+        resp = client.post(
+            "/classify/tensor",
+            content=tensor.tobytes(),
+            params={"shape": ",".join(map(str, tensor.shape)), "dtype": tensor.dtype.name},
+            headers={"content-type": "application/octet-stream"},
+        )
+    assert top1(resp) == top1(images)
+    for a, b in zip(resp.json()["results"], images.json()["results"], strict=True):
+        np.testing.assert_allclose(
+            [p["probability"] for p in a["predictions"]],
+            [p["probability"] for p in b["predictions"]],
+            atol=1e-6,
+        )
+
+
+def test_models_lists_every_served_model_and_version(client, served):
+    body = client.get("/models").json()
+    assert body["default"] == served["latest"].tag
+    by_name = {m["name"]: m["versions"] for m in body["models"]}
+    assert [v["tag"] for v in by_name["quick-lenet5"]] == [
+        served["latest"].tag,
+        served["older"].tag,
+    ]
+    assert [v["default"] for v in by_name["quick-lenet5"]] == [True, False]
+    (rgb,) = by_name["rgb-lenet5"]
+    assert rgb["input"]["channels"] == 3 and rgb["input"]["height"] == 32
+    assert rgb["labels"][0] == "class 0"
+    for versions in by_name.values():
+        for v in versions:
+            assert v["provider"] == "CPUExecutionProvider"
+            assert len(v["sha256"]) == 64
+    assert by_name["quick-lenet5"][0]["metrics"]["test_accuracy"] > 0.5
+
+
+def test_model_and_version_select_the_model(client, served, fashion_test):
+    data = encode(Image.fromarray(fashion_test.images[0]))
+    files = [("images", ("x.png", data))]
+    for params, tag in [
+        ({"model": "quick-lenet5"}, served["latest"].tag),
+        ({"model": "quick-lenet5", "version": served["older"].version}, served["older"].tag),
+        ({"model": "quick-lenet5", "version": "latest"}, served["latest"].tag),
+        ({"model": "rgb-lenet5"}, served["rgb"].tag),
+    ]:
+        resp = client.post("/classify", files=files, params=params)
+        assert resp.status_code == 200 and resp.json()["model"] == tag
+    # The RGB model gets the same grey picture converted to its own spec; as JSON too.
+    payload = {"images": [base64.b64encode(data).decode()], "model": "rgb-lenet5", "top_k": 10}
+    resp = client.post("/classify", json=payload)
+    assert resp.json()["model"] == served["rgb"].tag
+    assert resp.json()["results"][0]["predictions"][0]["label"].startswith("class ")
+
+
+def test_openapi_documents_both_bodies_and_the_errors(client):
+    schema = client.get("/api/openapi.json").json()
+    post = schema["paths"]["/classify"]["post"]
+    assert {"multipart/form-data", "application/json"} <= set(post["requestBody"]["content"])
+    assert {"200", "400", "404", "413", "415", "422", "503", "504"} <= set(post["responses"])
+    error_ref = post["responses"]["415"]["content"]["application/json"]["schema"]["$ref"]
+    assert error_ref.endswith("/ErrorResponse")
+    tensor = schema["paths"]["/classify/tensor"]["post"]
+    assert {"application/x-npy", "application/octet-stream"} <= set(
+        tensor["requestBody"]["content"]
+    )
+    assert "/models" in schema["paths"]
+    assert "ModelsResponse" in schema["components"]["schemas"]
+
+
+# --- colour modes and formats: same top-1 as the plain picture --------------------------------
+
+
+def _variants(garment: np.ndarray) -> dict[str, bytes]:
+    big = np.kron(garment, np.ones((4, 4), np.uint8))  # 112 x 112: JPEG loss stays small
+    grey = Image.fromarray(big)
+    rgb = grey.convert("RGB")
+    on_clear = np.dstack([np.full_like(big, 255)] * 3 + [big])  # white, alpha = the garment
+    palette = grey.quantize(64)
+    palette.info["transparency"] = int(np.asarray(palette)[0, 0])  # the corner: background
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    rotated = rgb.transpose(Image.Transpose.ROTATE_90)  # stored sideways, shown upright
+    gif_frames = [grey.convert("P"), Image.fromarray(255 - big).convert("P")]
+    gif = io.BytesIO()
+    gif_frames[0].save(gif, "GIF", save_all=True, append_images=gif_frames[1:], duration=100)
+    return {
+        "cmyk jpeg": encode(rgb.convert("CMYK"), "JPEG", quality=95),
+        "16-bit grey": encode(Image.fromarray(big.astype(np.uint16) * 257)),
+        "palette with transparency": encode(palette),
+        "rgba on clear": encode(Image.fromarray(on_clear, "RGBA")),
+        "la": encode(Image.fromarray(np.dstack([big, np.full_like(big, 255)]), "LA")),
+        "exif-rotated jpeg": encode(rotated, "JPEG", quality=95, exif=exif),
+        "webp": encode(rgb, "WEBP", lossless=True),
+        "gif first frame": gif.getvalue(),
+    }
+
+
+@pytest.mark.parametrize("variant", list(_variants(np.zeros((28, 28), np.uint8))))
+def test_colour_modes_and_formats_give_the_plain_top1(client, confident, variant):
+    plain = [encode(Image.fromarray(g)) for g in confident]
+    other = [_variants(g)[variant] for g in confident]
+    expected = top1(client.post("/classify", files=[("images", ("p.png", d)) for d in plain]))
+    # The part's Content-Type is deliberately wrong: the bytes decide.
+    got = client.post("/classify", files=[("images", ("v", d, "text/plain")) for d in other])
+    assert top1(got) == expected
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def _png_with_header(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height: a decompression bomb's shape."""
+    import struct
+    import zlib
+
+    data = bytearray(encode(Image.new("L", (8, 8))))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def _foreign_formats() -> dict[str, bytes]:
+    img = Image.new("RGB", (32, 32), (200, 10, 10))
+    return {
+        "pdf": encode(img, "PDF"),
+        "eps": encode(img, "EPS"),
+        "tiff": encode(img, "TIFF"),
+        "bmp": encode(img, "BMP"),
+        "jpeg 2000": encode(img, "JPEG2000"),
+        "ico": encode(img, "ICO"),
+        "psd": b"8BPS\x00\x01" + b"\x00" * 6 + b"\x00\x03\x00\x00\x00\x20\x00\x00\x00\x20\x00\x08",
+        "fits": b"SIMPLE  =                    T" + b" " * 50 + b"END" + b" " * 2797,
+    }
+
+
+def _bad_requests(garment: bytes) -> dict[str, tuple[int, str, dict]]:
+    one = {"files": [("images", ("a.png", garment))]}
+    cases: dict[str, tuple[int, str, dict]] = {
+        "not an image": (415, "unsupported_image", {"files": [("images", ("a.png", b"hello"))]}),
+        "empty file": (400, "empty_image", {"files": [("images", ("a.png", b""))]}),
+        "truncated png": (
+            400,
+            "invalid_image",
+            {"files": [("images", ("a.png", garment[: len(garment) // 2]))]},
+        ),
+        "corrupt jpeg": (
+            400,
+            "invalid_image",
+            {"files": [("images", ("a.jpg", encode(Image.new("L", (64, 64)), "JPEG")[:200]))]},
+        ),
+        "pixel bomb": (
+            413,
+            "image_too_large",
+            {"files": [("images", ("a.png", _png_with_header(50_000, 50_000)))]},
+        ),
+        "zero width": (
+            400,
+            "invalid_image",
+            {"files": [("images", ("a.png", _png_with_header(0, 8)))]},
+        ),
+        "one by n": (
+            422,
+            "image_too_small",
+            {"files": [("images", ("a.png", encode(Image.new("L", (1, 300)))))]},
+        ),
+        "extreme aspect": (
+            422,
+            "bad_aspect_ratio",
+            {"files": [("images", ("a.png", encode(Image.new("L", (8, 400)))))]},
+        ),
+        "url instead of file": (
+            422,
+            "invalid_request",
+            {"data": {"images": "http://127.0.0.1:9/x.png"}},
+        ),
+        "no images": (422, "invalid_request", {"data": {"other": "x"}}),
+        "top_k zero": (422, "invalid_request", {**one, "params": {"top_k": 0}}),
+        "top_k over classes": (422, "invalid_top_k", {**one, "params": {"top_k": 11}}),
+        "top_k not a number": (422, "invalid_request", {**one, "params": {"top_k": "five"}}),
+        "too many images": (
+            422,
+            "too_many_images",
+            {"files": [("images", (f"{i}.png", garment)) for i in range(65)]},
+        ),
+        "unknown model": (404, "model_not_found", {**one, "params": {"model": "nope"}}),
+        "unknown version": (
+            404,
+            "version_not_found",
+            {**one, "params": {"model": "quick-lenet5", "version": "v0"}},
+        ),
+        "json bad base64": (422, "invalid_base64", {"json": {"images": ["not*base64!"]}}),
+        "json url": (422, "invalid_base64", {"json": {"images": ["https://example.com/a.png"]}}),
+        "json malformed": (
+            422,
+            "invalid_request",
+            {"content": b"{images: [", "headers": {"content-type": "application/json"}},
+        ),
+        "json no images": (422, "invalid_request", {"json": {"images": []}}),
+        "json conflicting top_k": (
+            422,
+            "conflicting_parameters",
+            {
+                "json": {"images": [base64.b64encode(garment).decode()], "top_k": 2},
+                "params": {"top_k": 3},
+            },
+        ),
+        "plain text body": (
+            415,
+            "unsupported_media_type",
+            {"content": b"hello", "headers": {"content-type": "text/plain"}},
+        ),
+        "broken multipart": (
+            400,
+            "malformed_body",
+            {"content": b"--x\r\nnonsense", "headers": {"content-type": "multipart/form-data"}},
+        ),
+        "body over the limit": (
+            413,
+            "body_too_large",
+            {"files": [("images", ("a.png", b"\0" * (11 * 1024 * 1024)))]},
+        ),
+    }
+    for name, data in _foreign_formats().items():
+        # Whatever the part claims, the bytes are not an allowed format.
+        cases[f"{name} claiming png"] = (
+            415,
+            "unsupported_image",
+            {"files": [("images", ("a.png", data, "image/png"))]},
+        )
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_bad_requests(b"").keys()))
+def test_bad_input_is_a_clean_error_and_the_service_stays_healthy(client, fashion_test, case):
+    garment = encode(Image.fromarray(fashion_test.images[0]))
+    status, code, kwargs = _bad_requests(garment)[case]
+    assert_error(client.post("/classify", **kwargs), status, code)
+    assert client.get("/readyz").status_code == 200
+    assert top1(client.post("/classify", files=[("images", ("a.png", garment))]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code"),
+    [
+        (
+            {"params": {"shape": "1,1,28,28", "dtype": "float32"}, "content": b"\0" * 12},
+            "invalid_tensor",
+        ),
+        (
+            {"params": {"shape": "1,1,28,28", "dtype": "float64"}, "content": b"\0" * 6272},
+            "invalid_tensor",
+        ),
+        (
+            {"params": {"shape": "1,3,28,28", "dtype": "uint8"}, "content": b"\0" * 2352},
+            "invalid_tensor",
+        ),
+        (
+            {
+                "params": {"shape": "1,1,28,28", "dtype": "float32"},
+                "content": np.full((1, 1, 28, 28), np.nan, np.float32).tobytes(),
+            },
+            "invalid_tensor",
+        ),
+        (
+            {
+                "params": {"shape": "1,1,28,28", "dtype": "float32"},
+                "content": np.full((1, 1, 28, 28), -np.inf, np.float32).tobytes(),
+            },
+            "invalid_tensor",
+        ),
+        ({"content": b"\0" * 784}, "invalid_tensor"),
+    ],
+    ids=["short", "float64", "shape", "nan", "inf", "no shape"],
+)
+def test_bad_tensors_are_422(client, kwargs, code):
+    resp = client.post(
+        "/classify/tensor", headers={"content-type": "application/octet-stream"}, **kwargs
+    )
+    assert_error(resp, 422, code)
+
+
+def test_urls_are_never_fetched(client):
+    connections: list[object] = []
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.2)
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                connections.append(listener.accept())
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}/garment.png"
+        assert_error(client.post("/classify", data={"images": url}), 422, "invalid_request")
+        assert_error(client.post("/classify", json={"images": [url]}), 422, "invalid_base64")
+        assert_error(
+            client.post("/classify", json={"images": [{"data": url}]}), 422, "invalid_base64"
+        )
+        stop.wait(0.5)
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+    assert connections == []

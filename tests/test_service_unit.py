@@ -1,0 +1,304 @@
+"""Service parts in isolation: batcher, admission, tensors, providers, pool, settings.
+
+ONNX Runtime is replaced by fake sessions here, so each behaviour can be forced (slow
+inference, a provider that does not come up); the other tiers run the real thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from models.spec import FASHION_MNIST_MEAN, FASHION_MNIST_STD, InputSpec
+from service.admission import AdmissionLimits, AdmissionMiddleware
+from service.batching import Batcher
+from service.errors import ApiError
+from service.runtime import OnnxClassifier, ProviderError, SessionConfig, make_session
+from service.settings import ServiceSettings
+from service.tensors import parse_dtype, parse_shape, read_npy, read_raw, to_model_input
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = InputSpec(channels=1, height=28, width=28, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
+
+
+class FakeSession:
+    """ONNX Runtime's session interface; 'logits' are each image's first 10 pixel values."""
+
+    def __init__(self, delay_s: float = 0.0, providers=("CPUExecutionProvider",)) -> None:
+        self.delay_s = delay_s
+        self.batches: list[int] = []
+        self._providers = list(providers)
+
+    def get_inputs(self):
+        return [type("Input", (), {"name": "x"})()]
+
+    def get_providers(self):
+        return self._providers
+
+    def run(self, _outputs, feeds):
+        x = feeds["x"]
+        self.batches.append(len(x))
+        time.sleep(self.delay_s)
+        return [x.reshape(len(x), -1)[:, :10].copy()]
+
+
+def _batcher(session: FakeSession, **kw) -> Batcher:
+    classifier = OnnxClassifier(session)
+    return Batcher(classifier.logits, **{"max_batch_size": 8, "max_latency_ms": 5000, **kw})
+
+
+def _images(n: int, start: int = 0) -> np.ndarray:
+    """Distinct images: image i holds the value i everywhere, so answers can be traced."""
+    return np.arange(start, start + n, dtype=np.float32)[:, None, None, None] * np.ones(
+        (1, 1, 28, 28), np.float32
+    )
+
+
+# --- batching --------------------------------------------------------------------------------
+
+
+def test_batcher_counts_images_and_keeps_each_request_its_own_rows():
+    session = FakeSession(delay_s=0.002)
+    batcher = _batcher(session)
+
+    async def main():
+        await batcher.warm_up(_images(1), 4)
+        session.batches.clear()
+        sizes = [1, 16, 3, 5, 2, 7, 1, 12]
+        starts = np.cumsum([0, *sizes[:-1]])
+        outs = await asyncio.gather(
+            *(batcher.submit(_images(n, s)) for n, s in zip(sizes, starts, strict=True))
+        )
+        for out, n, s in zip(outs, sizes, starts, strict=True):
+            assert out.shape == (n, 10)
+            assert np.array_equal(out[:, 0], np.arange(s, s + n, dtype=np.float32))
+        return session.batches
+
+    batches = asyncio.run(main())
+    # A 16-image request takes 16 places: split over batches of at most 8 images.
+    assert max(batches) <= 8 and sum(batches) == 47
+
+
+def test_batcher_refuses_past_its_queue_limit_with_retry_after():
+    session = FakeSession(delay_s=0.2)
+    batcher = _batcher(session, max_queued_images=10)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit(_images(8)))
+        await asyncio.sleep(0.01)
+        with pytest.raises(ApiError) as err:
+            await batcher.submit(_images(4))
+        assert (err.value.status, err.value.code) == (503, "queue_full")
+        assert err.value.headers == {"Retry-After": "1"}
+        assert (await first).shape == (8, 10)
+        assert batcher.pending_images == 0
+
+    asyncio.run(main())
+
+
+def test_batcher_fails_fast_past_its_deadline():
+    batcher = _batcher(FakeSession(delay_s=0.5), timeout_s=0.1)
+
+    async def main():
+        t0 = time.perf_counter()
+        with pytest.raises(ApiError) as err:
+            await batcher.submit(_images(1))
+        assert time.perf_counter() - t0 < 0.45
+        assert (err.value.status, err.value.code) == (504, "deadline_exceeded")
+
+    asyncio.run(main())
+
+
+def test_batcher_reports_batch_sizes_and_queue_waits():
+    seen: list[tuple[int, int]] = []
+
+    class Observer:
+        def on_batch(self, images, queue_waits_s):
+            assert all(0 <= w < 5 for w in queue_waits_s)
+            seen.append((images, len(queue_waits_s)))
+
+    batcher = _batcher(FakeSession(), observer=Observer())
+    asyncio.run(batcher.submit(_images(3)))
+    assert seen == [(3, 1)]
+
+
+# --- execution providers ---------------------------------------------------------------------
+
+
+def test_unavailable_provider_refuses_to_start(tmp_path):
+    config = SessionConfig(intra_op_threads=1, providers=("CUDAExecutionProvider",))
+    with pytest.raises(ProviderError, match="CUDAExecutionProvider"):
+        make_session(str(tmp_path / "never-read.onnx"), config)
+
+
+def test_provider_fallback_when_allowed(quick_stored):
+    config = SessionConfig(
+        intra_op_threads=1,
+        providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
+        allow_provider_fallback=True,
+    )
+    session = make_session(str(quick_stored[0].path), config)
+    assert OnnxClassifier(session).provider == "CPUExecutionProvider"
+
+
+# --- tensors ---------------------------------------------------------------------------------
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=True)
+    return buf.getvalue()
+
+
+def test_tensor_uint8_is_normalized_like_an_image(fashion_test):
+    from export.verify import normalize
+
+    pixels = fashion_test.images[:3][:, None]
+    x = to_model_input(read_npy(_npy(pixels)), SPEC, 64)
+    assert np.array_equal(x, normalize(fashion_test.images[:3], SPEC.mean, SPEC.std))
+    raw = read_raw(pixels.tobytes(), parse_shape("3,1,28,28"), parse_dtype("uint8"))
+    assert np.array_equal(to_model_input(raw, SPEC, 64), x)
+
+
+def test_tensor_float32_big_endian_npy_keeps_its_values():
+    x = np.random.default_rng(0).normal(size=(2, 1, 28, 28)).astype(">f4")
+    assert np.array_equal(to_model_input(read_npy(_npy(x)), SPEC, 64), x.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: read_npy(_npy(np.zeros((2, 28, 28), np.float32))), id="3-d"),
+        pytest.param(lambda: read_npy(_npy(np.zeros((2, 3, 28, 28), np.float32))), id="channels"),
+        pytest.param(lambda: read_npy(_npy(np.zeros((2, 1, 32, 32), np.float32))), id="size"),
+        pytest.param(lambda: read_npy(_npy(np.zeros((0, 1, 28, 28), np.float32))), id="empty"),
+        pytest.param(lambda: read_npy(_npy(np.zeros((1, 1, 28, 28), np.float64))), id="float64"),
+        pytest.param(lambda: read_npy(_npy(np.array([{"a": 1}], dtype=object))), id="pickle"),
+        pytest.param(lambda: read_npy(_npy(np.zeros((1, 1, 28, 28), np.float32))[:-8]), id="short"),
+        pytest.param(lambda: read_npy(b"\x93NUMPY\x01\x00garbage"), id="bad header"),
+        pytest.param(lambda: read_npy(_npy(np.full((1, 1, 28, 28), np.nan, np.float32))), id="nan"),
+        pytest.param(lambda: read_npy(_npy(np.full((1, 1, 28, 28), np.inf, np.float32))), id="inf"),
+        pytest.param(lambda: read_raw(b"\0" * 100, (1, 1, 28, 28), parse_dtype("uint8")), id="raw"),
+        pytest.param(lambda: parse_dtype("int64"), id="dtype name"),
+        pytest.param(lambda: parse_shape("1,one,28,28"), id="shape text"),
+    ],
+)
+def test_bad_tensors_are_422(make):
+    with pytest.raises(ApiError) as err:
+        to_model_input(make(), SPEC, 64)
+    assert (err.value.status, err.value.code) == (422, "invalid_tensor")
+
+
+def test_too_many_tensor_images():
+    with pytest.raises(ApiError) as err:
+        to_model_input(np.zeros((65, 1, 28, 28), np.float32), SPEC, 64)
+    assert err.value.code == "too_many_images"
+
+
+# --- admission -------------------------------------------------------------------------------
+
+
+def _admission_app(limits: AdmissionLimits, gate: asyncio.Event | None = None):
+    reads: list[int] = []
+
+    async def echo(request: Request) -> JSONResponse:
+        body = b""
+        async for chunk in request.stream():
+            reads.append(len(chunk))
+            body += chunk
+        if gate is not None:
+            await gate.wait()
+        return JSONResponse({"bytes": len(body)})
+
+    app = Starlette(routes=[Route("/x", echo, methods=["POST"])])
+    app.add_middleware(AdmissionMiddleware)
+    app.state.admission = limits
+    return app, reads
+
+
+def test_declared_body_over_the_limit_is_413_before_reading_it():
+    app, reads = _admission_app(AdmissionLimits(max_body_bytes=1000, max_in_flight=4))
+    with TestClient(app) as client:
+        resp = client.post("/x", content=b"x" * 5000)
+        assert resp.status_code == 413 and resp.json()["error"]["code"] == "body_too_large"
+        assert reads == []
+        assert client.post("/x", content=b"x" * 1000).json() == {"bytes": 1000}
+
+
+def test_streamed_body_over_the_limit_is_cut_off_at_the_limit():
+    app, reads = _admission_app(AdmissionLimits(max_body_bytes=1000, max_in_flight=4))
+
+    def chunks():
+        for _ in range(100):
+            yield b"y" * 300
+
+    with TestClient(app) as client:
+        resp = client.post("/x", content=chunks())  # no Content-Length: chunked
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "body_too_large"
+    assert sum(reads) <= 1000  # the app never saw more than the limit
+
+
+def test_in_flight_limit_answers_503_busy_with_retry_after():
+    rejected: list[str] = []
+
+    async def main():
+        import httpx
+
+        gate = asyncio.Event()
+        limits = AdmissionLimits(max_body_bytes=10_000, max_in_flight=2, on_reject=rejected.append)
+        app, _ = _admission_app(limits, gate)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            held = [asyncio.ensure_future(client.post("/x", content=b"a")) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            over = await client.post("/x", content=b"b")
+            gate.set()
+            done = await asyncio.gather(*held)
+        return over, done
+
+    over, done = asyncio.run(main())
+    assert over.status_code == 503 and over.headers["retry-after"] == "1"
+    assert over.json()["error"]["code"] == "busy"
+    assert [r.status_code for r in done] == [200, 200]
+    assert rejected == ["busy"]
+
+
+# --- settings --------------------------------------------------------------------------------
+
+
+def test_settings_from_environment_and_toml_file(tmp_path, monkeypatch):
+    config = tmp_path / "convserve.toml"
+    config.write_text('max_batch_size = 32\nproviders = ["cuda", "cpu"]\nmax_in_flight = 7\n')
+    monkeypatch.setenv("CONVSERVE_CONFIG_FILE", str(config))
+    monkeypatch.setenv("CONVSERVE_MODELS", "a:latest, b:v1")
+    monkeypatch.setenv("CONVSERVE_MAX_IN_FLIGHT", "9")  # environment wins over the file
+    s = ServiceSettings()
+    assert s.models == ["a:latest", "b:v1"] and s.default_model == "a:latest"
+    assert s.max_batch_size == 32 and s.max_in_flight == 9
+    assert s.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_settings_file_with_an_unknown_key_is_refused(tmp_path, monkeypatch):
+    config = tmp_path / "convserve.toml"
+    config.write_text("max_batchsize = 32\n")
+    monkeypatch.setenv("CONVSERVE_CONFIG_FILE", str(config))
+    with pytest.raises(ValueError, match="max_batchsize"):
+        ServiceSettings()
+
+
+def test_readme_documents_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    documented = set(re.findall(r"^\| `CONVSERVE_([A-Z0-9_]+)` \|", readme, flags=re.MULTILINE))
+    fields = {name.upper() for name in ServiceSettings.model_fields}
+    assert documented == fields | {"CONFIG_FILE"}
