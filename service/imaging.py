@@ -22,9 +22,8 @@ BACKGROUND = 0
 
 def _has_allowed_signature(data: bytes) -> bool:
     """The file starts like PNG, JPEG, WebP or GIF: a failure to open it is corruption."""
-    return (
-        data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a"))
-        or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+    return data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")) or (
+        data[:4] == b"RIFF" and data[8:12] == b"WEBP"
     )
 
 

@@ -6,8 +6,16 @@ import onnxruntime as ort
 import pytest
 
 from export.onnx_export import OPSET, ExportConfig, export_onnx, read_spec
-from export.store import has_model, load_model, save_model
-from export.verify import MAX_ABS_LOGIT_DIFF, check_parity
+from export.store import (
+    StoreError,
+    has_model,
+    list_versions,
+    load_model,
+    read_known_answer,
+    save_model,
+    verify_file,
+)
+from export.verify import MAX_ABS_LOGIT_DIFF, check_parity, known_inputs, normalize
 from models.train import load_checkpoint
 
 
@@ -48,8 +56,9 @@ def test_parity_with_pytorch_on_1000_test_images(exported, quick_run):
 def test_store_versions_and_latest(exported, bentoml_home):
     path, spec = exported
     assert not has_model("fashion-test:latest")
-    first = save_model(path, spec, "fashion-test")
-    second = save_model(path, spec, "fashion-test")
+    inputs = known_inputs(spec, count=4)
+    first = save_model(path, spec, "fashion-test", inputs)
+    second = save_model(path, spec, "fashion-test", inputs)
     assert first.tag != second.tag
     latest = load_model("fashion-test:latest")
     assert latest.tag == second.tag
@@ -57,3 +66,26 @@ def test_store_versions_and_latest(exported, bentoml_home):
     assert latest.sha256 == hashlib.sha256(latest.path.read_bytes()).hexdigest()
     assert load_model(first.tag).tag == first.tag
     assert str(bentoml_home) in str(latest.path)  # the test session's own store
+    verify_file(latest)
+    stored_inputs, logits = read_known_answer(latest)
+    assert np.array_equal(stored_inputs, inputs) and logits.shape == (4, 10)
+    assert [v.tag for v in list_versions("fashion-test")] == [second.tag, first.tag]
+
+
+def test_known_inputs_are_the_service_preprocessing(exported, fashion_test):
+    _, spec = exported
+    expected = normalize(fashion_test.images[:8], spec.input.mean, spec.input.std)
+    assert np.array_equal(known_inputs(spec, count=8), expected)
+
+
+def test_a_damaged_store_file_is_a_clear_error(exported, tmp_path):
+    path, spec = exported
+    stored = save_model(path, spec, "fashion-damaged", known_inputs(spec, count=2))
+    stored.path.write_bytes(stored.path.read_bytes()[:-1] + b"\0")
+    with pytest.raises(StoreError, match="does not match"):
+        verify_file(stored)
+    stored.known_answer_path.unlink()
+    with pytest.raises(StoreError, match="known-answer"):
+        read_known_answer(stored)
+    with pytest.raises(StoreError, match="not in the model store"):
+        load_model("fashion-never-saved:latest")

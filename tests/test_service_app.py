@@ -69,6 +69,7 @@ def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
 @pytest.fixture(scope="module")
 def confident(fashion_test, predict) -> list[np.ndarray]:
     """Test garments the quick model is sure of, so a colour-mode change cannot flip a tie."""
+
     def margin(img: np.ndarray) -> float:
         p = np.sort(predict(encode(Image.fromarray(img))))
         return float(p[-1] - p[-2])

@@ -302,3 +302,14 @@ def test_readme_documents_every_setting():
     documented = set(re.findall(r"^\| `CONVSERVE_([A-Z0-9_]+)` \|", readme, flags=re.MULTILINE))
     fields = {name.upper() for name in ServiceSettings.model_fields}
     assert documented == fields | {"CONFIG_FILE"}
+
+
+def test_pool_is_ready_only_after_warm_up(quick_stored):
+    from service.pool import ModelPool
+
+    settings = ServiceSettings(models=[quick_stored[1].tag], warmup_requests=2, max_batch_size=4)
+    pool = ModelPool.load(settings, None)
+    assert not pool.ready
+    asyncio.run(pool.warm_up(settings))
+    assert pool.ready
+    pool.shutdown()

@@ -1,0 +1,223 @@
+"""A real `bentoml serve` through its life: refusing bad models, bursts, metrics, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from serving import ROOT, start_server, stop_server
+
+pytestmark = pytest.mark.slow
+
+
+def png(image: np.ndarray, scale: int = 1) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.kron(image, np.ones((scale, scale), np.uint8))).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _copy_store(home: Path, target: Path, name: str) -> Path:
+    """A private store holding only `name`'s versions, safe to damage."""
+    shutil.copytree(home / "models" / name, target / "models" / name)
+    return target
+
+
+def _serve_and_expect_refusal(home: Path, **settings: str) -> str:
+    env = {
+        "BENTOML_HOME": str(home),
+        "PATH": "/usr/bin:/bin",
+        **{f"CONVSERVE_{k.upper()}": v for k, v in settings.items()},
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "bentoml", "serve", "service.service:Classifier", "--port", "0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_missing_model_stops_start_up(bentoml_home, quick_stored):
+    out = _serve_and_expect_refusal(bentoml_home, models="no-such-model:latest")
+    assert "convserve cannot start: model 'no-such-model:latest' is not in the model store" in out
+
+
+def test_corrupt_onnx_file_stops_start_up(bentoml_home, quick_stored, tmp_path):
+    home = _copy_store(bentoml_home, tmp_path, "quick-lenet5")
+    stored = quick_stored[1]
+    onnx_file = home / "models" / "quick-lenet5" / stored.version / "model.onnx"
+    _flip_byte(onnx_file, onnx_file.stat().st_size // 2)
+    out = _serve_and_expect_refusal(home, models=stored.tag)
+    assert "does not match" in out and "corrupt" in out
+
+
+def test_failed_known_answer_stops_start_up(bentoml_home, quick_stored, tmp_path):
+    home = _copy_store(bentoml_home, tmp_path, "quick-lenet5")
+    stored = quick_stored[1]
+    answer = home / "models" / "quick-lenet5" / stored.version / "known_answer.npz"
+    with np.load(answer) as f:
+        inputs, logits = f["inputs"], f["logits"]
+    np.savez(answer, inputs=inputs, logits=logits + 0.5)
+    out = _serve_and_expect_refusal(home, models=stored.tag)
+    assert "self-test failed" in out
+
+
+def test_unavailable_provider_stops_start_up_unless_fallback_allowed(
+    bentoml_home, quick_stored, tmp_path
+):
+    out = _serve_and_expect_refusal(
+        bentoml_home, models="quick-lenet5:latest", providers="cuda,cpu"
+    )
+    assert "CUDAExecutionProvider requested" in out
+    proc, url = start_server(
+        bentoml_home,
+        tmp_path / "fallback.log",
+        models="quick-lenet5:latest",
+        providers="cuda,cpu",
+        allow_provider_fallback="true",
+    )
+    try:
+        (model,) = httpx.get(f"{url}/models").json()["models"]
+        assert model["versions"][0]["provider"] == "CPUExecutionProvider"
+    finally:
+        stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def tight_server(bentoml_home, quick_stored, tmp_path_factory):
+    """A server whose admission limit is small, to be overrun on purpose."""
+    log = tmp_path_factory.mktemp("tight") / "server.log"
+    proc, url = start_server(bentoml_home, log, models="quick-lenet5:latest", max_in_flight="8")
+    yield url
+    stop_server(proc)
+
+
+def test_burst_of_8x_the_admission_limit_is_shed_fast_and_answers_stay_correct(
+    tight_server, fashion_test, quick_stored
+):
+    clients, per_request = 64, 4  # 64 simultaneous requests against max_in_flight=8
+    images = fashion_test.images[: clients * per_request]
+    url = tight_server
+
+    async def burst():
+        limits = httpx.Limits(max_connections=clients + 4)
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
+            livez: list[int] = []
+            stop = asyncio.Event()
+
+            async def probe():
+                while not stop.is_set():
+                    livez.append((await http.get("/livez", timeout=2)).status_code)
+                    await asyncio.sleep(0.02)
+
+            async def one(c: int):
+                files = [
+                    ("images", (f"{c}-{i}.png", png(img, 4)))
+                    for i, img in enumerate(images[c * per_request : (c + 1) * per_request])
+                ]
+                return await http.post("/classify", files=files, params={"top_k": 1})
+
+            prober = asyncio.ensure_future(probe())
+            t0 = time.perf_counter()
+            answers = await asyncio.gather(*(one(c) for c in range(clients)))
+            elapsed = time.perf_counter() - t0
+            stop.set()
+            await prober
+            return answers, elapsed, livez
+
+    answers, elapsed, livez = asyncio.run(burst())
+    statuses = [r.status_code for r in answers]
+    counts = {s: statuses.count(s) for s in sorted(set(statuses))}
+    print(
+        f"burst of {clients} requests x {per_request} images, max_in_flight=8: {counts} "
+        f"in {elapsed:.2f} s; /livez {len(livez)} probes all 200: {set(livez) == {200}}"
+    )
+    assert set(statuses) <= {200, 503}, counts
+    assert counts.get(503, 0) > 0 and counts.get(200, 0) >= 8, counts
+    assert set(livez) == {200}
+
+    # Each answered request got its own images' predictions (no cross-talk in a batch).
+    from service.imaging import preprocess
+    from service.pool import open_model
+    from service.settings import ServiceSettings
+
+    _, classifier = open_model(quick_stored[1].tag, ServiceSettings(models=[quick_stored[1].tag]))
+    for c, resp in enumerate(answers):
+        if resp.status_code == 503:
+            assert resp.headers["retry-after"] == "1"
+            assert resp.json()["error"]["code"] in {"busy", "queue_full", "overloaded"}
+            continue
+        mine = images[c * per_request : (c + 1) * per_request]
+        x = np.stack([preprocess(png(img, 4), quick_stored[1].spec.input) for img in mine])
+        expected = classifier.logits(x).argmax(1)
+        got = [r["predictions"][0]["index"] for r in resp.json()["results"]]
+        assert got == expected.tolist()
+        assert [r["filename"] for r in resp.json()["results"]] == [
+            f"{c}-{i}.png" for i in range(per_request)
+        ]
+    assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+def test_metrics_show_batch_sizes_and_queue_wait(tight_server, fashion_test):
+    files = [("images", (f"{i}.png", png(img))) for i, img in enumerate(fashion_test.images[:16])]
+    assert httpx.post(f"{tight_server}/classify", files=files).status_code == 200
+    text = httpx.get(f"{tight_server}/metrics").text
+    assert "convserve_batch_size_images_bucket" in text
+    assert "convserve_queue_wait_seconds_bucket" in text
+    count = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("convserve_batch_size_images_count")
+    ]
+    assert count and sum(count) >= 1
+
+
+def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(
+    bentoml_home, quick_stored, fashion_test, tmp_path
+):
+    proc, url = start_server(bentoml_home, tmp_path / "drain.log", models="quick-lenet5:latest")
+    files = [
+        ("images", (f"{i}.png", png(img, 8))) for i, img in enumerate(fashion_test.images[:64])
+    ]
+    done: list[tuple[int, float]] = []
+
+    def client():
+        try:
+            resp = httpx.post(f"{url}/classify", files=files, timeout=60)
+            done.append((resp.status_code, time.monotonic()))
+        except httpx.HTTPError as exc:
+            done.append((type(exc).__name__, time.monotonic()))
+
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    signalled = time.monotonic()
+    proc.send_signal(15)  # SIGTERM to the serving process, as an orchestrator does
+    time.sleep(0.3)
+    with pytest.raises(httpx.TransportError):
+        httpx.post(f"{url}/classify", files=files[:1], timeout=5)
+    for t in threads:
+        t.join()
+    assert proc.wait(timeout=60) == 0
+    assert [status for status, _ in done] == [200] * len(threads)
+    assert any(at > signalled for _, at in done), "no request was in flight at SIGTERM"
