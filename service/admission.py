@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ErrorBody, ErrorResponse
+from service.errors import error_payload
 
 COUNTED_METHODS = {"POST", "PUT", "PATCH"}
 
@@ -36,11 +36,15 @@ class _BodyTooLarge(Exception):
 
 
 async def send_error(
-    send: Send, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    scope: Scope,
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
 ) -> None:
-    body = json.dumps(
-        ErrorResponse(error=ErrorBody(code=code, message=message)).model_dump()
-    ).encode()
+    status, payload = error_payload(scope.get("path", ""), status, code, message)
+    body = json.dumps(payload).encode()
     raw_headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
@@ -67,12 +71,13 @@ class AdmissionMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > limits.max_body_bytes:
-            await self._reject_body(send, limits)
+            await self._reject_body(scope, send, limits)
             return
         if self.in_flight >= limits.max_in_flight:
             if limits.on_reject:
                 limits.on_reject("busy")
             await send_error(
+                scope,
                 send,
                 503,
                 "busy",
@@ -113,13 +118,14 @@ class AdmissionMiddleware:
         with contextlib.suppress(_BodyTooLarge):
             await self.app(scope, counting_receive, guarded_send)
         if exceeded and not started:
-            await self._reject_body(send, limits)
+            await self._reject_body(scope, send, limits)
 
     @staticmethod
-    async def _reject_body(send: Send, limits: AdmissionLimits) -> None:
+    async def _reject_body(scope: Scope, send: Send, limits: AdmissionLimits) -> None:
         if limits.on_reject:
             limits.on_reject("body_too_large")
         await send_error(
+            scope,
             send,
             413,
             "body_too_large",

@@ -33,11 +33,25 @@ class ApiError(Exception):
         self.headers = headers
 
 
+V2_PREFIX = "/v2"
+
+
+def error_payload(path: str, status: int, code: str, message: str) -> tuple[int, dict]:
+    """The status and body of an error, in the format of the API the path belongs to.
+
+    The Open Inference Protocol (/v2) answers `{"error": "<message>"}` and uses 400 for every
+    malformed request; the rest of the API answers `{"error": {"code", "message"}}`.
+    """
+    if path.startswith(V2_PREFIX):
+        return (400 if status in (415, 422) else status), {"error": message}
+    return status, ErrorResponse(error=ErrorBody(code=code, message=message)).model_dump()
+
+
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, path: str = ""
 ) -> JSONResponse:
-    body = ErrorResponse(error=ErrorBody(code=code, message=message))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    status, body = error_payload(path, status, code, message)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _count(request: Request, code: str) -> None:
@@ -49,7 +63,7 @@ def _count(request: Request, code: str) -> None:
 async def handle_api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
     _count(request, exc.code)
-    return error_response(exc.status, exc.code, exc.message, exc.headers)
+    return error_response(exc.status, exc.code, exc.message, exc.headers, request.url.path)
 
 
 async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -57,7 +71,9 @@ async def handle_validation_error(request: Request, exc: Exception) -> JSONRespo
     _count(request, "invalid_request")
     # Name the offending fields, never echo their values (they may be large or binary).
     problems = "; ".join(_describe(err) for err in exc.errors())
-    return error_response(422, "invalid_request", problems or "invalid request")
+    return error_response(
+        422, "invalid_request", problems or "invalid request", None, request.url.path
+    )
 
 
 def _describe(err: dict) -> str:
@@ -84,9 +100,10 @@ async def handle_http_error(request: Request, exc: Exception) -> JSONResponse:
     code = HTTP_CODES.get(exc.status_code, "http_error")
     _count(request, code)
     message = exc.detail if isinstance(exc.detail, str) else "request refused"
-    return error_response(exc.status_code, code, message, exc.headers)
+    return error_response(exc.status_code, code, message, exc.headers, request.url.path)
 
 
-async def handle_unexpected(_request: Request, exc: Exception) -> JSONResponse:
+async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
-    return error_response(500, "internal_error", "internal error; the server log has details")
+    message = "internal error; the server log has details"
+    return error_response(500, "internal_error", message, None, request.url.path)

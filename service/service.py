@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import importlib.metadata
 import logging
 from typing import Annotated
 
@@ -21,11 +22,13 @@ import bentoml
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
+from service import kserve
 from service.admission import AdmissionLimits, AdmissionMiddleware
 from service.errors import (
     ApiError,
@@ -403,3 +406,153 @@ class Classifier:
             default=self.pool.default.stored.tag,
             models=[ServedModelInfo(name=n, versions=v) for n, v in infos.items()],
         )
+
+    # --- Open Inference Protocol (KServe v2) -----------------------------------------------
+
+    @app.get("/v2", summary="Open Inference Protocol: server metadata", tags=["v2"])
+    async def v2_server_metadata(self) -> dict:
+        return {"name": "convserve", "version": _version(), "extensions": kserve.EXTENSIONS}
+
+    @app.get("/v2/health/live", summary="Open Inference Protocol: liveness", tags=["v2"])
+    async def v2_live(self) -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", summary="Open Inference Protocol: readiness", tags=["v2"])
+    async def v2_ready(self) -> JSONResponse:
+        ready = self.pool.ready
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    def _v2_model(self, name: str, version: str | None) -> ServedModel:
+        return self.pool.get(name, version)
+
+    def _v2_metadata(self, name: str, version: str | None) -> dict:
+        served = self._v2_model(name, version)
+        spec = served.spec
+        versions = [m.stored.version for m in self.pool.models if m.stored.name == name]
+        return {
+            "name": name,
+            "versions": versions if version is None else [served.stored.version],
+            "platform": kserve.PLATFORM,
+            "inputs": [
+                {
+                    "name": served.classifier.input_name,
+                    "datatype": "FP32",
+                    "shape": [-1, *spec.input.shape(1)[1:]],
+                }
+            ],
+            "outputs": [
+                {"name": kserve.OUTPUT_NAME, "datatype": "FP32", "shape": [-1, spec.num_classes]}
+            ],
+        }
+
+    @app.get("/v2/models/{name}", summary="Open Inference Protocol: model metadata", tags=["v2"])
+    async def v2_model_metadata(self, name: str) -> dict:
+        return self._v2_metadata(name, None)
+
+    @app.get("/v2/models/{name}/versions/{version}", tags=["v2"])
+    async def v2_model_version_metadata(self, name: str, version: str) -> dict:
+        return self._v2_metadata(name, version)
+
+    @app.get("/v2/models/{name}/ready", tags=["v2"])
+    async def v2_model_ready(self, name: str) -> JSONResponse:
+        return self._v2_model_ready(name, None)
+
+    @app.get("/v2/models/{name}/versions/{version}/ready", tags=["v2"])
+    async def v2_model_version_ready(self, name: str, version: str) -> JSONResponse:
+        return self._v2_model_ready(name, version)
+
+    def _v2_model_ready(self, name: str, version: str | None) -> JSONResponse:
+        self._v2_model(name, version)
+        ready = self.pool.ready
+        return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
+
+    @app.get("/v2/models/{name}/config", tags=["v2"], summary="Triton-style model configuration")
+    async def v2_model_config(self, name: str) -> dict:
+        served = self._v2_model(name, None)
+        spec = served.spec
+        return {
+            "name": name,
+            "platform": kserve.PLATFORM,
+            "max_batch_size": self.settings.max_images_per_request,
+            "input": [
+                {
+                    "name": served.classifier.input_name,
+                    "data_type": "TYPE_FP32",
+                    "dims": list(spec.input.shape(1)[1:]),
+                }
+            ],
+            "output": [
+                {
+                    "name": kserve.OUTPUT_NAME,
+                    "data_type": "TYPE_FP32",
+                    "dims": [spec.num_classes],
+                    "label_filename": "",
+                }
+            ],
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": self.settings.max_latency_ms * 1000
+            },
+        }
+
+    @app.post(
+        "/v2/models/{name}/infer",
+        tags=["v2"],
+        summary="Open Inference Protocol: inference (JSON or binary tensor data)",
+        responses=_errors(400, 404, 413, 503, 504),
+    )
+    async def v2_infer(self, name: str, request: Request) -> Response:
+        return await self._v2_infer(name, None, request)
+
+    @app.post(
+        "/v2/models/{name}/versions/{version}/infer",
+        tags=["v2"],
+        responses=_errors(400, 404, 413, 503, 504),
+    )
+    async def v2_infer_version(self, name: str, version: str, request: Request) -> Response:
+        return await self._v2_infer(name, version, request)
+
+    async def _v2_infer(self, name: str, version: str | None, request: Request) -> Response:
+        served = self._v2_model(name, version)
+        parsed = kserve.parse_infer_request(
+            await request.body(), request.headers.get(kserve.HEADER_LENGTH)
+        )
+        input_name = served.classifier.input_name
+        if len(parsed.inputs) != 1 or parsed.inputs[0].name != input_name:
+            raise kserve.bad_request(
+                f"the model takes one input named {input_name!r}; "
+                f"got {[i.name for i in parsed.inputs]}"
+            )
+        (tensor,) = parsed.inputs
+        if tensor.datatype == "BYTES":
+            if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
+                raise kserve.bad_request(
+                    f"BYTES input shape must be [N] or [N, 1]; got {list(tensor.shape)}"
+                )
+            self._check_count(len(tensor.value))
+            batch = await self._preprocess(served, [(None, data) for data in tensor.value])
+        else:
+            batch = to_model_input(
+                np.asarray(tensor.value), served.spec.input, self.settings.max_images_per_request
+            )
+        probabilities = await served.batcher.submit(batch)
+        body, header_length = kserve.build_response(
+            model_name=name,
+            model_version=served.stored.version,
+            request=parsed,
+            probabilities=probabilities,
+            labels=served.spec.labels,
+        )
+        if header_length is None:
+            return Response(body, media_type="application/json")
+        return Response(
+            body,
+            media_type="application/octet-stream",
+            headers={kserve.HEADER_LENGTH: str(header_length)},
+        )
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("convserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"

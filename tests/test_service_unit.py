@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import re
+import struct
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from models.spec import FASHION_MNIST_MEAN, FASHION_MNIST_STD, InputSpec
+from service import kserve
 from service.admission import AdmissionLimits, AdmissionMiddleware
 from service.batching import Batcher
 from service.errors import ApiError
@@ -313,3 +316,30 @@ def test_pool_is_ready_only_after_warm_up(quick_stored):
     asyncio.run(pool.warm_up(settings))
     assert pool.ready
     pool.shutdown()
+
+
+# --- Open Inference Protocol wire format ---------------------------------------------------------
+
+
+def test_binary_bytes_elements_and_leftover_bytes():
+    payload = b"".join(struct.pack("<I", len(b)) + b for b in (b"ab", b"", b"xyz"))
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [3],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(payload)},
+                }
+            ]
+        }
+    ).encode()
+    parsed = kserve.parse_infer_request(header + payload, str(len(header)))
+    assert parsed.inputs[0].value == [b"ab", b"", b"xyz"]
+    with pytest.raises(ApiError, match="belong to no input"):
+        kserve.parse_infer_request(header + payload + b"extra", str(len(header)))
+    short = struct.pack("<I", 10) + b"ab"  # claims 10 bytes, holds 2
+    header = header.replace(str(len(payload)).encode(), str(len(short)).encode())
+    with pytest.raises(ApiError, match="truncated"):
+        kserve.parse_infer_request(header + short, str(len(header)))
