@@ -7,9 +7,11 @@ BIN := $(VENV)/bin
 PORT ?= 3000
 HOST ?= 127.0.0.1
 DATASET := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# The container test builds the image with buildah from a debootstrapped Debian base.
+CONTAINER_TOOLS := /usr/bin/buildah /usr/sbin/debootstrap
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install dataset serve test test-fast lint clean
+.PHONY: install dataset container-tools serve test test-fast lint clean
 
 install: $(BIN)/.installed
 
@@ -25,10 +27,16 @@ $(DATASET):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
+container-tools: $(CONTAINER_TOOLS)
+
+$(CONTAINER_TOOLS):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq buildah debootstrap
+
 serve: install dataset
 	$(BIN)/convserve serve --train-if-missing --host $(HOST) --port $(PORT)
 
-test: install dataset
+test: install dataset container-tools
 	$(BIN)/python -m pytest
 
 test-fast: install dataset

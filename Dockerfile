@@ -1,0 +1,143 @@
+# syntax=docker/dockerfile:1
+# convserve: a CNN classifier served from ONNX Runtime by BentoML.
+#
+#   docker build -t convserve .                                   # trains the default LeNet-5
+#   docker build --build-arg MODEL_SOURCE=dir --build-arg MODEL_DIR=build/store -t convserve .
+#                                          # serves an exported store (a BENTOML_HOME's models/)
+#   docker build --target gpu -t convserve:gpu .                  # CUDA / TensorRT providers
+#   docker run --read-only --tmpfs /tmp -p 3000:3000 convserve
+#
+# Stages: base (python) -> model-train | model-dir -> model; deps (serving venv) -> runtime.
+ARG BASE_IMAGE=debian:bookworm-slim
+ARG CUDA_BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+ARG MODEL_SOURCE=train
+
+FROM ${BASE_IMAGE} AS base
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+
+# --- the served model ---------------------------------------------------------------------
+FROM base AS model-train
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends dataset-fashion-mnist \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml constraints.txt README.md ./
+COPY convserve ./convserve
+COPY models ./models
+COPY export ./export
+COPY service ./service
+COPY loadtest ./loadtest
+RUN python3 -m venv /opt/train \
+ && /opt/train/bin/pip install --extra-index-url "${TORCH_INDEX}" -c constraints.txt "torch==2.13.0" \
+ && /opt/train/bin/pip install -c constraints.txt ".[train]"
+ENV BENTOML_HOME=/opt/convserve/bentoml BENTOML_DO_NOT_TRACK=true
+RUN /opt/train/bin/convserve train lenet5 --out /tmp/run \
+ && /opt/train/bin/convserve export /tmp/run/best.pt --output /tmp/run/model.onnx
+
+FROM base AS model-dir
+# A directory of exported models as the model store keeps them: <name>/<version>/...
+ARG MODEL_DIR=build/store
+COPY ${MODEL_DIR} /opt/convserve/bentoml/models
+
+# hadolint ignore=DL3006
+FROM model-${MODEL_SOURCE} AS model
+
+# --- serving dependencies, no torch, no compilers in the final image ------------------------
+FROM base AS deps
+WORKDIR /src
+COPY pyproject.toml constraints.txt README.md ./
+COPY convserve ./convserve
+COPY models ./models
+COPY export ./export
+COPY service ./service
+COPY loadtest ./loadtest
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install -c constraints.txt . \
+ && /opt/venv/bin/python -c "import importlib.util as u; assert u.find_spec('torch') is None" \
+ && /opt/venv/bin/python -m pip uninstall -y pip setuptools
+
+# --- load generator for compose.yaml: locust + the test images, no torch ---------------------
+FROM base AS loadtest
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends dataset-fashion-mnist \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml constraints.txt README.md ./
+COPY convserve ./convserve
+COPY models ./models
+COPY export ./export
+COPY service ./service
+COPY loadtest ./loadtest
+RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install -c constraints.txt ".[loadtest]"
+USER 10001
+ENTRYPOINT ["/opt/venv/bin/locust", "-f", "loadtest/locustfile.py"]
+
+# --- GPU variant: CUDA runtime base, onnxruntime-gpu (build with --target gpu) --------------
+FROM ${CUDA_BASE_IMAGE} AS gpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin convserve \
+ && mkdir -p /opt/convserve/bentoml/bentos /opt/convserve/bentoml/envs /opt/convserve/bentoml/tmp
+WORKDIR /src
+COPY pyproject.toml constraints.txt README.md ./
+COPY convserve ./convserve
+COPY models ./models
+COPY export ./export
+COPY service ./service
+COPY loadtest ./loadtest
+# onnxruntime-gpu replaces the CPU wheel (both provide the onnxruntime module).
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install ".[gpu]" \
+ && /opt/venv/bin/pip uninstall -y onnxruntime \
+ && /opt/venv/bin/pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.22" \
+ && rm -rf /src
+WORKDIR /
+COPY --from=model /opt/convserve/bentoml/models /opt/convserve/bentoml/models
+# The store writes its files owner-only; the server's user must read, never write, them.
+RUN chmod -R a+rX,go-w /opt/convserve/bentoml/models
+ENV PATH=/opt/venv/bin:$PATH \
+    BENTOML_HOME=/opt/convserve/bentoml \
+    BENTOML_DO_NOT_TRACK=true \
+    PYTHONUNBUFFERED=1 \
+    CONVSERVE_MODELS=fashion-lenet5:latest \
+    CONVSERVE_PROVIDERS=tensorrt,cuda,cpu
+USER 10001
+EXPOSE 3000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+  CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=2)"]
+CMD ["bentoml", "serve", "service.service:Classifier", "--host", "0.0.0.0", "--port", "3000"]
+
+# --- runtime (the default target: last) ------------------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS runtime
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 \
+ && apt-get clean \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin convserve \
+ && mkdir -p /opt/convserve/bentoml/bentos /opt/convserve/bentoml/envs /opt/convserve/bentoml/tmp
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=model /opt/convserve/bentoml/models /opt/convserve/bentoml/models
+# The store writes its files owner-only; the server's user must read, never write, them.
+RUN chmod -R a+rX,go-w /opt/convserve/bentoml/models
+# Nothing the server writes lives outside /tmp, so the root filesystem may be read-only (BentoML
+# only checks that its home's folders exist; they are made above, owned by root).
+ENV PATH=/opt/venv/bin:$PATH \
+    BENTOML_HOME=/opt/convserve/bentoml \
+    BENTOML_DO_NOT_TRACK=true \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    TMPDIR=/tmp \
+    CONVSERVE_MODELS=fashion-lenet5:latest
+USER 10001
+EXPOSE 3000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+  CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=2)"]
+CMD ["bentoml", "serve", "service.service:Classifier", "--host", "0.0.0.0", "--port", "3000"]

@@ -1,0 +1,227 @@
+"""Deployment artefacts: Dockerfile lint, Kubernetes manifests, compose file, and the CPU image
+itself built with buildah, run, and asked to classify a real image."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "k8s"
+BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
+BUILDAH = ["buildah", "--storage-driver", "vfs"]
+BASE_TAG = "localhost/debian:bookworm-slim"
+IMAGE_TAG = "localhost/convserve:test"
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name) or shutil.which(str(BIN / name))
+    assert found, f"{name} is not installed (make test installs it)"
+    return found
+
+
+def test_dockerfile_lints_clean():
+    result = subprocess.run(
+        [_tool("hadolint"), "Dockerfile"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kubernetes_manifests_validate_strictly():
+    manifests = sorted(str(p) for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    result = subprocess.run(
+        [_tool("kubernetes-validate"), "--strict", *manifests], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    kinds = {yaml.safe_load(Path(m).read_text())["kind"] for m in manifests}
+    assert kinds == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    assert sorted(listed) == sorted(Path(m).name for m in manifests)
+
+
+def test_deployment_is_hardened_and_probed():
+    deployment = yaml.safe_load((K8S / "deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert {"cpu", "memory"} <= set(container["resources"]["limits"])
+    assert pod["terminationGracePeriodSeconds"] >= 10
+    # Threads per pod follow the CPU limit, not the node's cores.
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["CONVSERVE_INTRA_OP_THREADS"] == str(container["resources"]["limits"]["cpu"])
+    assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])
+
+
+def test_compose_runs_the_service_and_locust():
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"convserve", "locust-master", "locust-worker"} <= set(services)
+    assert services["convserve"]["read_only"] is True
+    assert "--master" in services["locust-master"]["command"]
+    assert "--worker" in services["locust-worker"]["command"]
+
+
+# --- the image ---------------------------------------------------------------------------------
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def _ensure_base_image() -> None:
+    """A local equivalent of debian:bookworm-slim (no registry is reachable): a minbase
+    debootstrap, slimmed as the official slim image is (no docs, man pages, locales, apt cache)."""
+    images = _run([*BUILDAH, "images", "--format", "{{.Name}}:{{.Tag}}"]).stdout
+    if BASE_TAG in images:
+        return
+    rootfs = Path("/tmp/convserve-rootfs")
+    shutil.rmtree(rootfs, ignore_errors=True)
+    _run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs)])
+    for pattern in (
+        "usr/share/doc/*",
+        "usr/share/man/*",
+        "usr/share/locale/*",
+        "usr/share/info/*",
+        "var/cache/apt/archives/*.deb",
+        "var/lib/apt/lists/*",
+    ):
+        for path in rootfs.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (rootfs / "etc/dpkg/dpkg.cfg.d/slim").write_text(
+        "path-exclude /usr/share/doc/*\npath-exclude /usr/share/man/*\n"
+        "path-exclude /usr/share/locale/*\npath-exclude /usr/share/info/*\n"
+    )
+    (rootfs / "etc/apt/apt.conf.d/docker-clean").write_text(
+        'DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb || true"; };\n'
+    )
+    container = _run([*BUILDAH, "from", "scratch"]).stdout.strip()
+    _run([*BUILDAH, "copy", container, str(rootfs), "/"])
+    _run([*BUILDAH, "commit", "--rm", container, BASE_TAG])
+    shutil.rmtree(rootfs, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def image(default_stored, bentoml_home, tmp_path_factory):
+    """The CPU image, serving the trained default model exported by the test session."""
+    _tool("buildah")
+    _tool("debootstrap")
+    _ensure_base_image()
+    store = ROOT / "build" / "container-store"
+    shutil.rmtree(store, ignore_errors=True)
+    shutil.copytree(bentoml_home / "models" / "fashion-lenet5", store / "fashion-lenet5")
+    work = tmp_path_factory.mktemp("buildah")
+    (work / "ca").mkdir()
+    shutil.copyfile("/etc/ssl/certs/ca-certificates.crt", work / "ca" / "ca.crt")
+    (work / "pip.conf").write_text("[global]\ncert = /run/hostca/ca.crt\n")
+    t0 = time.monotonic()
+    _run(
+        [*BUILDAH, "bud", "--isolation", "chroot", "--format", "docker",
+         "-v", f"{work / 'ca'}:/run/hostca:ro", "-v", f"{work / 'pip.conf'}:/etc/pip.conf:ro",
+         "--build-arg", f"BASE_IMAGE={BASE_TAG}", "--build-arg", "MODEL_SOURCE=dir",
+         "--build-arg", "MODEL_DIR=build/container-store", "-t", IMAGE_TAG, "."],
+        cwd=ROOT,
+    )  # fmt: skip
+    print(f"image built in {time.monotonic() - t0:.0f} s")
+    yield IMAGE_TAG
+    shutil.rmtree(store, ignore_errors=True)
+    subprocess.run([*BUILDAH, "rmi", "--prune"], capture_output=True)
+    subprocess.run([*BUILDAH, "rmi", IMAGE_TAG], capture_output=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _uid_of_process_listening(port: int) -> set[int]:
+    """Uids of the processes whose command line serves on `port` (the container's server)."""
+    uids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            status = (proc / "status").read_text()
+        except OSError:
+            continue
+        if b"serve" in cmdline and str(port).encode() in cmdline and b"buildah" not in cmdline[0]:
+            uids.add(
+                int(
+                    next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1]
+                )
+            )
+    return uids
+
+
+@pytest.mark.slow
+def test_image_is_lean_non_root_and_serves(image, fashion_test):
+    info = json.loads(_run([*BUILDAH, "inspect", image]).stdout)
+    config = info["Docker"]["config"]
+    assert config["User"] not in ("", "0", "root")
+    assert config["Healthcheck"]["Test"][0] == "CMD"
+    cmd = config["Cmd"]
+    assert cmd[:3] == ["bentoml", "serve", "service.service:Classifier"]  # exec form
+    listing = _run([*BUILDAH, "images", "--json", image]).stdout
+    value, unit = json.loads(listing)[0]["size"].split()  # e.g. "431 MB"
+    size_mb = float(value) * {"kB": 1e-3, "MB": 1.0, "GB": 1e3}[unit]
+    print(f"image size {size_mb:.0f} MB")
+    assert size_mb <= 600
+
+    # The image's own CMD, on a free port; only /tmp is writable for the server's user.
+    port = _free_port()
+    command = [*cmd[:-1], str(port)] if cmd[-2] == "--port" else cmd
+    container = _run([*BUILDAH, "from", image]).stdout.strip()
+    log = open(ROOT / "build" / "container-run.log", "wb")  # noqa: SIM115 - closed below
+    t0 = time.monotonic()
+    server = subprocess.Popen(
+        [*BUILDAH, "run", "--isolation", "chroot", "--mount", "type=tmpfs,destination=/tmp",
+         container, "--", *command],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        while True:
+            assert server.poll() is None, (ROOT / "build" / "container-run.log").read_text()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() - t0 < 120, (ROOT / "build" / "container-run.log").read_text()
+            time.sleep(0.3)
+        print(f"container ready {time.monotonic() - t0:.1f} s after start")
+        buf = io.BytesIO()
+        Image.fromarray(fashion_test.images[0]).save(buf, "PNG")
+        resp = httpx.post(f"{url}/classify", files=[("images", ("boot.png", buf.getvalue()))])
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["results"][0]["predictions"][0]["label"] == "Ankle boot"
+        uids = _uid_of_process_listening(port)
+        assert uids and 0 not in uids, uids
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+        subprocess.run([*BUILDAH, "rm", container], capture_output=True)
