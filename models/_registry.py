@@ -16,7 +16,13 @@ if TYPE_CHECKING:
 Builder = Callable[..., "nn.Module"]
 
 # One module per architecture family; each registers its builders when imported.
-_FAMILY_MODULES: tuple[str, ...] = ("models.lenet",)
+_FAMILY_MODULES: tuple[str, ...] = (
+    "models.lenet",
+    "models.alexnet",
+    "models.vgg",
+    "models.resnet",
+    "models.inception",
+)
 
 _REGISTRY: dict[str, Builder] = {}
 
