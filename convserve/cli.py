@@ -55,19 +55,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         model=args.model,
         model_kwargs=_model_args(args.arg),
+        dataset=args.dataset,
         epochs=args.epochs,
         batch_size=args.batch_size,
+        optimizer=args.optimizer,
         lr=args.lr,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        label_smoothing=args.label_smoothing,
         seed=args.seed,
         augment=not args.no_augment,
+        hflip=not args.no_hflip,
+        random_erasing=args.random_erasing,
         data_dir=args.data_dir,
         out_dir=args.out or f"runs/{args.model}",
         train_limit=args.train_limit,
         test_limit=args.test_limit,
         threads=args.threads,
+        amp=not args.no_amp,
+        resume=args.resume,
+        stop_after=args.stop_after,
+        init_from=args.init_from,
+        freeze_backbone=args.freeze_backbone,
     )
     result = train(config)
     m = result.metrics
+    if not m:  # a non-zero rank of a distributed run: rank 0 reports
+        return 0
     print(
         f"best test accuracy {100 * m['best_test_accuracy']:.2f}% (epoch {m['best_epoch']}) "
         f"in {m['train_time_s']:.0f} s; checkpoint {result.checkpoint}"
@@ -158,14 +172,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_summary)
 
-    p = sub.add_parser("train", help="train a registered model on Fashion-MNIST")
+    p = sub.add_parser(
+        "train",
+        help="train a registered model (under torchrun: distributed data parallel)",
+    )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--dataset",
+        default="fashion-mnist",
+        help="fashion-mnist, digits (scikit-learn's), or a folder-per-class root "
+        "(ROOT/train/CLASS/*.png, ROOT/test/CLASS/*.png)",
+    )
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--schedule", choices=["onecycle", "cosine"], default="onecycle")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--random-erasing", type=float, default=0.0, metavar="P")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    p.add_argument("--no-hflip", action="store_true", help="random crop without flips")
+    p.add_argument("--no-amp", action="store_true", help="full precision on a GPU too")
+    p.add_argument("--resume", metavar="LAST_PT", help="continue a run from its last.pt")
+    p.add_argument("--stop-after", type=int, metavar="EPOCH", help="end after that epoch")
+    p.add_argument("--init-from", metavar="CHECKPOINT", help="transfer learning: start from it")
+    p.add_argument("--freeze-backbone", action="store_true", help="with --init-from")
     p.add_argument("--data-dir", help="directory with the four Fashion-MNIST IDX .gz files")
     p.add_argument("--out", help="run directory (default runs/MODEL)")
     p.add_argument("--train-limit", type=int, help="use only the first N training images")

@@ -74,3 +74,65 @@ def load_fashion_mnist(split: Split, data_dir: str | os.PathLike[str] | None = N
     if len(images) != len(labels):
         raise ValueError(f"{split}: {len(images)} images but {len(labels)} labels")
     return ImageSet(images=images, labels=labels)
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Images of one size and channel count, with their class names."""
+
+    images: np.ndarray  # N x H x W x C, uint8
+    labels: np.ndarray  # N, int64
+    classes: tuple[str, ...]
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
+
+
+def load_image_folder(
+    root: str | os.PathLike[str], split: Split, *, channels: int, size: int
+) -> LabelledImages:
+    """The usual folder-per-class layout, `root/<split>/<class>/*.png|jpg`, resized to `size`
+    (bilinear, as the service resizes) and converted to 1 or 3 channels."""
+    from PIL import Image
+
+    base = Path(root) / split
+    if split == "test" and not base.is_dir() and (Path(root) / "val").is_dir():
+        base = Path(root) / "val"
+    classes = tuple(sorted(p.name for p in base.iterdir() if p.is_dir())) if base.is_dir() else ()
+    if not classes:
+        raise DatasetNotFoundError(f"no class folders under {base} (expected {base}/<class>/*)")
+    images, labels = [], []
+    for index, name in enumerate(classes):
+        for path in sorted((base / name).iterdir()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            with Image.open(path) as img:
+                img = img.convert("L" if channels == 1 else "RGB")
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
+                images.append(np.asarray(img, dtype=np.uint8).reshape(size, size, channels))
+            labels.append(index)
+    return LabelledImages(np.stack(images), np.asarray(labels, dtype=np.int64), classes)
+
+
+def load_digits(split: Split, *, size: int = 28, test_fraction: float = 0.25) -> LabelledImages:
+    """scikit-learn's bundled handwritten digits (8 x 8, values 0..16), scaled to 0..255 and
+    resized to `size`; a fixed stratified split."""
+    from PIL import Image
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = sklearn_digits()
+    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(pixels)), test_size=test_fraction, random_state=0, stratify=digits.target
+    )
+    idx = train_idx if split == "train" else test_idx
+    resized = np.stack(
+        [
+            np.asarray(Image.fromarray(p).resize((size, size), Image.Resampling.BILINEAR))
+            for p in pixels[idx]
+        ]
+    )
+    return LabelledImages(
+        resized[..., None], digits.target[idx].astype(np.int64), tuple(str(d) for d in range(10))
+    )

@@ -152,9 +152,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _uid_of_process_listening(port: int) -> set[int]:
-    """Uids of the processes whose command line serves on `port` (the container's server)."""
-    uids = set()
+def _serving_processes() -> dict[int, int]:
+    """pid -> uid of the server processes inside a container: with chroot isolation they are
+    host processes whose root directory is the container's file system."""
+    found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -163,13 +164,24 @@ def _uid_of_process_listening(port: int) -> set[int]:
             status = (proc / "status").read_text()
         except OSError:
             continue
-        if b"serve" in cmdline and str(port).encode() in cmdline and b"buildah" not in cmdline[0]:
-            uids.add(
-                int(
-                    next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1]
-                )
-            )
-    return uids
+        if b"service.service:Classifier" not in cmdline or cmdline[0].endswith(b"buildah"):
+            continue
+        with contextlib.suppress(OSError):
+            if os.readlink(proc / "root") == "/":
+                continue
+            uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+            found[int(proc.name)] = int(uid_line.split()[1])
+    return found
+
+
+def _stop(pids: list[int]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            time.sleep(0.2)
 
 
 @pytest.mark.slow
@@ -214,9 +226,11 @@ def test_image_is_lean_non_root_and_serves(image, fashion_test):
         resp = httpx.post(f"{url}/classify", files=[("images", ("boot.png", buf.getvalue()))])
         assert resp.status_code == 200, resp.text
         assert resp.json()["results"][0]["predictions"][0]["label"] == "Ankle boot"
-        uids = _uid_of_process_listening(port)
+        uids = set(_serving_processes().values())
         assert uids and 0 not in uids, uids
     finally:
+        # The container's processes are not in buildah's process group: stop them by port.
+        _stop(list(_serving_processes()))
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGTERM)
         try:

@@ -56,3 +56,121 @@ def test_seeded_training_is_reproducible(tmp_path):
     a, b = (r.metrics["history"][0] for r in runs)
     assert a["train_loss"] == b["train_loss"] and a["test_accuracy"] == b["test_accuracy"]
     assert np.isfinite(a["train_loss"])
+
+
+def _config(tmp_path, **kw):
+    from models.train import TrainConfig
+
+    base = {"epochs": 1, "train_limit": 1000, "test_limit": 300, "progress": False}
+    return TrainConfig(out_dir=str(tmp_path), **{**base, **kw})
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
+    from models.train import train
+
+    straight = train(_config(tmp_path / "straight", epochs=2))
+    train(_config(tmp_path / "split", epochs=2, stop_after=1))  # as if the job were stopped
+    # The same 2-epoch run, stopped after epoch 1 and resumed: schedule and RNG streams too.
+    resumed = train(
+        _config(tmp_path / "split", epochs=2, resume=str(tmp_path / "split" / "last.pt"))
+    )
+
+    def without_time(history):
+        return [{k: v for k, v in h.items() if k != "elapsed_s"} for h in history]
+
+    assert without_time(resumed.metrics["history"]) == without_time(straight.metrics["history"])
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(resumed.metrics["history"]) == 2
+
+
+def test_sgd_cosine_label_smoothing_and_random_erasing(tmp_path):
+    from models.train import train
+
+    result = train(
+        _config(
+            tmp_path, model="resnet20", optimizer="sgd", lr=0.05, schedule="cosine",
+            label_smoothing=0.1, random_erasing=0.5, epochs=2,
+        )
+    )  # fmt: skip
+    history = result.metrics["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert result.metrics["best_test_accuracy"] > 0.3
+
+
+def test_random_erasing_erases_rectangles_at_its_rate():
+    from models.train import random_erase
+
+    x = torch.ones(2000, 1, 28, 28)
+    gen = torch.Generator().manual_seed(0)
+    out = random_erase(x, gen, p=0.5, fill=-1.0)
+    erased = (out == -1.0).flatten(1).sum(1).float()
+    rate = (erased > 0).float().mean().item()
+    assert 0.45 < rate < 0.55
+    fraction = erased[erased > 0] / (28 * 28)
+    assert fraction.min() > 0.005 and fraction.max() < 0.3
+    assert torch.equal(random_erase(x, gen, p=0.0, fill=-1.0), x)
+
+
+def test_folder_per_class_dataset(tmp_path, fashion_test):
+    from PIL import Image
+
+    from models.train import load_checkpoint, train
+
+    root = tmp_path / "data"
+    classes = {0: "shirts", 1: "trousers", 9: "boots"}
+    for split, start in (("train", 0), ("test", 2000)):
+        for label, name in classes.items():
+            picks = np.flatnonzero(fashion_test.labels[start:] == label)[:30] + start
+            (root / split / name).mkdir(parents=True)
+            for i in picks:  # colour JPEGs at another size: resized and converted by the loader
+                Image.fromarray(fashion_test.images[i]).convert("RGB").resize((40, 40)).save(
+                    root / split / name / f"{i}.jpg"
+                )
+    result = train(
+        _config(tmp_path / "run", dataset=str(root), epochs=12, model_kwargs={"in_channels": 3})
+    )
+    _, spec = load_checkpoint(result.checkpoint)
+    assert spec.labels == ("boots", "shirts", "trousers")
+    assert spec.input.channels == 3 and len(spec.input.mean) == 3
+    assert result.metrics["train_images"] == 90 and result.metrics["best_test_accuracy"] > 0.5
+
+
+def test_transfer_learning_with_a_frozen_backbone(tmp_path, quick_run):
+    from models.train import load_checkpoint, train
+
+    result = train(
+        _config(
+            tmp_path, dataset="digits", hflip=False, epochs=5, lr=1e-2, train_limit=None,
+            test_limit=None, init_from=str(quick_run.checkpoint), freeze_backbone=True,
+        )
+    )  # fmt: skip
+    source = torch.load(quick_run.checkpoint, weights_only=True)["state_dict"]
+    model, spec = load_checkpoint(result.checkpoint)
+    assert spec.labels == tuple(str(d) for d in range(10))
+    tuned = model.state_dict()
+    # The backbone is the Fashion-MNIST one, untouched; only the new head learned digits.
+    for name in ("conv1.weight", "conv2.weight", "fc3.weight"):
+        assert torch.equal(tuned[name], source[name])
+    assert not torch.equal(tuned["head.weight"], source["head.weight"])
+    assert result.metrics["best_test_accuracy"] > 0.5
+
+
+def test_two_process_distributed_training_ends_with_identical_weights(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--standalone", "-m", "convserve", "train", "lenet5", "--epochs", "1",
+        "--train-limit", "2000", "--test-limit", "500", "--threads", "1", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    digests = metrics["rank_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert (out / "best.pt").exists()
