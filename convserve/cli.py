@@ -109,8 +109,61 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.no_store:
         return 0
     inputs = known_inputs(spec, data_dir=args.data_dir)
-    stored = save_model(path, spec, args.name or store_name(spec), inputs)
+    name = args.name or store_name(spec)
+    if args.int8:  # stored first, so that `latest` stays the FP32 version
+        _store_int8(path, spec, name, inputs, args)
+    stored = save_model(path, spec, name, inputs)
     print(f"stored {stored.tag} (sha256 {stored.sha256[:12]}…)")
+    return 0
+
+
+def _store_int8(path: Path, spec: Any, name: str, inputs: Any, args: argparse.Namespace) -> None:
+    """INT8 (QDQ, calibrated on training images) as a newer version of the same model."""
+    import numpy as np
+    from PIL import Image
+
+    from export.quantize import compare_precisions, quantize_int8
+    from export.store import save_model
+    from models.data import load_fashion_mnist
+    from service.imaging import to_input
+
+    def prepared(images: Any) -> Any:
+        return np.stack([to_input(Image.fromarray(img), spec.input) for img in images])
+
+    train = load_fashion_mnist("train", args.data_dir)
+    test = load_fashion_mnist("test", args.data_dir)
+    int8_path = quantize_int8(path, path.with_suffix(".int8.onnx"), prepared(train.images[:512]))
+    report = compare_precisions(path, int8_path, prepared(test.images), test.labels)
+    print(
+        f"int8: test accuracy {100 * report.int8_accuracy:.2f}% (fp32 "
+        f"{100 * report.fp32_accuracy:.2f}%), {report.int8_ms_per_batch:.2f} ms vs "
+        f"{report.fp32_ms_per_batch:.2f} ms per batch of {report.batch_size} on "
+        f"{report.threads} thread(s): {report.speedup:.2f}x"
+    )
+    metrics = {
+        **spec.metrics,
+        "test_accuracy": report.int8_accuracy,
+        "fp32_test_accuracy": report.fp32_accuracy,
+        "ms_per_batch_64": report.int8_ms_per_batch,
+        "fp32_ms_per_batch_64": report.fp32_ms_per_batch,
+        "speedup_vs_fp32": report.speedup,
+    }
+    stored = save_model(
+        int8_path, spec.model_copy(update={"metrics": metrics}), name, inputs, precision="int8"
+    )
+    print(f"stored {stored.tag} (int8)")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from export.report import write_report
+
+    run = Path(args.run)
+    if not run.is_dir():
+        run = Path("runs") / args.run
+    if not (run / "best.pt").exists():
+        print(f"error: no best.pt in {run}; pass a training run directory", file=sys.stderr)
+        return 2
+    print(f"report written to {write_report(run, args.out, args.data_dir)}")
     return 0
 
 
@@ -214,7 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-images", type=int, default=1000)
     p.add_argument("--data-dir")
     p.add_argument("--no-store", action="store_true", help="export and verify only")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also store an INT8 (static, QDQ) version, with its accuracy and speed vs FP32",
+    )
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("report", help="one page about a trained model (Markdown + PNGs)")
+    p.add_argument("run", help="a training run directory, or a model name for runs/MODEL")
+    p.add_argument("--out", help="directory for report.md (default: the run directory)")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("serve", help="serve a stored model over HTTP (bentoml serve)")
     p.add_argument(

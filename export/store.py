@@ -30,6 +30,7 @@ class StoredModel:
     spec: ModelSpec
     sha256: str  # as recorded when the model was saved, not as the file is now
     created: str = ""  # ISO 8601
+    precision: str = "fp32"  # or "int8" (statically quantized, QDQ)
 
     @property
     def name(self) -> str:
@@ -68,7 +69,11 @@ def known_answer(onnx_path: str | Path, inputs: np.ndarray) -> np.ndarray:
 
 
 def save_model(
-    onnx_path: str | Path, spec: ModelSpec, name: str, known_inputs: np.ndarray
+    onnx_path: str | Path,
+    spec: ModelSpec,
+    name: str,
+    known_inputs: np.ndarray,
+    precision: str = "fp32",
 ) -> StoredModel:
     """Copy the ONNX file into a new version of `name` in the store, with spec, checksum and
     the known answer for `known_inputs` (a few real, preprocessed images)."""
@@ -77,7 +82,7 @@ def save_model(
     expected = known_answer(onnx_path, known_inputs)
     with bentoml.models.create(
         name,
-        labels={"architecture": spec.architecture, "format": "onnx"},
+        labels={"architecture": spec.architecture, "format": "onnx", "precision": precision},
         metadata={
             "sha256": digest,
             "input_shape": list(spec.input.shape(-1)),
@@ -118,6 +123,7 @@ def load_model(tag: str) -> StoredModel:
         spec=spec,
         sha256=digest,
         created=ref.info.creation_time.isoformat(),
+        precision=ref.info.labels.get("precision", "fp32"),
     )
 
 

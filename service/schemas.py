@@ -61,6 +61,7 @@ class ModelVersion(BaseModel):
     default: bool = Field(description="answers requests that name this model but no version")
     created: str = Field(description="ISO 8601 time the model was saved to the store")
     architecture: str = Field(examples=["lenet5"])
+    precision: str = Field(description="fp32, or int8 (statically quantized)", examples=["fp32"])
     input: InputSpec
     labels: list[str]
     provider: str = Field(

@@ -395,6 +395,7 @@ class Classifier:
                     default=first_of_name,
                     created=stored.created,
                     architecture=served.spec.architecture,
+                    precision=stored.precision,
                     input=served.spec.input,
                     labels=list(served.spec.labels),
                     provider=served.classifier.provider,

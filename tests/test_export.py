@@ -89,3 +89,42 @@ def test_a_damaged_store_file_is_a_clear_error(exported, tmp_path):
         read_known_answer(stored)
     with pytest.raises(StoreError, match="not in the model store"):
         load_model("fashion-never-saved:latest")
+
+
+def test_int8_is_stored_beside_fp32_with_its_metrics(quick_run, bentoml_home, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
+    out = str(tmp_path / "q.onnx")
+    cmd = [sys.executable, "-m", "convserve", "export", str(quick_run.checkpoint), "--int8",
+           "--name", "quant-lenet5", "--parity-images", "200", "--output", out]  # fmt: skip
+    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    fp32, int8 = list_versions("quant-lenet5")  # newest first: FP32 stays `latest`
+    assert (fp32.precision, int8.precision) == ("fp32", "int8")
+    assert load_model("quant-lenet5:latest").tag == fp32.tag
+    m = int8.spec.metrics
+    assert {
+        "fp32_test_accuracy",
+        "ms_per_batch_64",
+        "fp32_ms_per_batch_64",
+        "speedup_vs_fp32",
+    } <= set(m)
+    assert abs(m["test_accuracy"] - m["fp32_test_accuracy"]) < 0.02  # a 2-epoch model
+    ops = {n.op_type for n in onnx.load(str(int8.path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    verify_file(int8)
+
+
+def test_model_report_has_every_section(quick_run, tmp_path):
+    from export.report import write_report
+
+    report = write_report(quick_run.checkpoint.parent, tmp_path)
+    text = report.read_text()
+    for needle in ("parameters | 44,426", "FLOPs per image", "ONNX file, INT8",
+                   "## Per-class accuracy", "| FP32 |", "| INT8 (static, QDQ) |"):  # fmt: skip
+        assert needle in text, needle
+    assert text.count("\n| ") >= 10 + 6  # ten classes plus the tables' rows
+    for png in ("curves.png", "confusion.png"):
+        assert f"]({png})" in text and (tmp_path / png).exists()
