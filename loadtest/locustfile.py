@@ -1,67 +1,236 @@
-"""Locust load test of POST /classify with real Fashion-MNIST test images as PNG.
+"""Locust load tests of a classification server with real Fashion-MNIST payloads.
 
-    locust -f loadtest/locustfile.py --host http://127.0.0.1:3000 --headless -u 64 -r 64 -t 30s
+    locust -f loadtest/locustfile.py --host http://127.0.0.1:3000 --headless -u 64 -r 64 -t 30s \
+        SingleImageUser
 
-Payloads are encoded once at start. Every response is checked, not only its status: a body
-that is not one well-formed result per image, with the right labels, counts as a failure.
+User classes (pick by name on the command line; without one, Locust mixes them all):
+  SingleImageUser   one PNG per request to /classify, back to back (closed loop)
+  MultiImageUser    32 PNGs per request to /classify
+  ColourJpegUser    one 256 x 256 colour JPEG per request (decode and resize cost)
+  TensorUser        /classify/tensor with a uint8 .npy batch of 8
+  V2BinaryUser      Open Inference Protocol, FP32 tensor as binary data, 8 images
+  ConstantRateUser  one PNG per request at CONVSERVE_LOCUST_RATE requests/s per user
+                    (open loop: the offered load does not fall when the server slows down)
+A step load shape lives in loadtest/shapes.py (`-f loadtest/locustfile.py,loadtest/shapes.py`).
+
+Payloads are encoded once, at import. Every response is checked, not only its status: a
+malformed body, a label that is not the model's name for its index, or a top-1 that differs
+from the first answer the server gave for the same payload (cross-talk between requests in a
+batch) counts as a failure.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import os
 import random
+import struct
 
-from locust import FastHttpUser, constant, task
+import numpy as np
+from locust import FastHttpUser, constant, constant_throughput, events, task
 from PIL import Image
 
 from models.data import load_fashion_mnist
-from models.spec import FASHION_MNIST_LABELS
+from models.spec import FASHION_MNIST_LABELS, FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
-PAYLOADS = 512
+PAYLOADS = 256
+MULTI = 32
+TENSOR_BATCH = 8
+
+_test = load_fashion_mnist("test")
+_images = _test.images[:PAYLOADS]
 
 
-def _png(image) -> bytes:
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, "PNG")
+    img.save(buf, fmt, **kw)
     return buf.getvalue()
 
 
-_test = load_fashion_mnist("test")
-IMAGES: list[bytes] = [_png(img) for img in _test.images[:PAYLOADS]]
+PNGS: list[bytes] = [_encode(Image.fromarray(img), "PNG") for img in _images]
+JPEGS: list[bytes] = [
+    _encode(
+        Image.fromarray(np.stack([img, img // 2, 255 - img], -1)).resize((256, 256)),
+        "JPEG",
+        quality=90,
+    )
+    for img in _images[:64]
+]
+_pixels = _images[:, None]  # N x 1 x 28 x 28 uint8
+_normalized = ((_pixels / np.float32(255.0)) - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
+NPY: list[bytes] = []
+for start in range(0, PAYLOADS, TENSOR_BATCH):
+    buf = io.BytesIO()
+    np.save(buf, _pixels[start : start + TENSOR_BATCH])
+    NPY.append(buf.getvalue())
+V2: list[tuple[bytes, int]] = []
+for start in range(0, PAYLOADS, TENSOR_BATCH):
+    raw = _normalized[start : start + TENSOR_BATCH].astype("<f4").tobytes()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [TENSOR_BATCH, 1, 28, 28],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    V2.append((header + raw, len(header)))
+
+LABELS: list[str] = list(FASHION_MNIST_LABELS)
+V2_MODEL = os.environ.get("CONVSERVE_LOCUST_V2_MODEL", "fashion-lenet5")
+_first_answers: dict[tuple[str, int], list[int]] = {}
 
 
-def check(body: dict, images: int) -> str | None:
+@events.test_start.add_listener
+def _labels_from_server(environment, **_kw) -> None:  # noqa: ANN001 - Locust's signature
+    """Take the served model's labels from GET /models when the server has it."""
+    import urllib.request
+
+    global LABELS
+    try:
+        with urllib.request.urlopen(f"{environment.host}/models", timeout=5) as resp:
+            LABELS = json.load(resp)["models"][0]["versions"][0]["labels"]
+    except Exception:  # noqa: BLE001 - peers have no /models; Fashion-MNIST's labels then
+        pass
+
+
+def check(body: object, images: int, key: tuple[str, int] | None = None) -> str | None:
     """Why `body` is not a valid answer for `images` images, or None if it is."""
-    results = body.get("results")
+    if isinstance(body, list) and len(body) == 1:  # BentoML's batchable APIs answer a list
+        body = body[0]
+    results = body.get("results") if isinstance(body, dict) else None
     if not isinstance(results, list) or len(results) != images:
         return f"expected {images} results"
+    top1 = []
     for result in results:
         predictions = result.get("predictions") or []
         if not predictions:
             return "no predictions"
         for p in predictions:
-            if FASHION_MNIST_LABELS[p["index"]] != p["label"] or not 0 <= p["probability"] <= 1:
+            if LABELS[p["index"]] != p["label"] or not 0 <= p["probability"] <= 1:
                 return "label, index or probability malformed"
-    return None
+        top1.append(predictions[0]["index"])
+    return _consistent(key, top1)
 
 
-class SingleImageUser(FastHttpUser):
-    """One image per request, back to back: the closed-loop client most services see."""
+def _consistent(key: tuple[str, int] | None, top1: list[int]) -> str | None:
+    if key is None:
+        return None
+    first = _first_answers.setdefault(key, top1)
+    return None if first == top1 else "a different answer than before for the same payload"
 
+
+class _Checked(FastHttpUser):
+    abstract = True
     wait_time = constant(0)
+
+    def _post(self, path: str, name: str, images: int, key, **kw) -> None:  # noqa: ANN001
+        with self.client.post(path, name=name, catch_response=True, **kw) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}")
+                return
+            try:
+                problem = check(resp.json(), images, key)
+            except (ValueError, KeyError, TypeError, IndexError):
+                problem = "malformed body"
+            if problem:
+                resp.failure(problem)
+
+
+class SingleImageUser(_Checked):
+    """One image per request: the closed-loop client most services see."""
 
     @task
     def classify(self) -> None:
-        data = random.choice(IMAGES)
-        with self.client.post(
+        i = random.randrange(len(PNGS))
+        self._post(
             "/classify?top_k=1",
-            files={"images": ("image.png", data, "image/png")},
-            name="/classify [1 image]",
+            "/classify [1 image]",
+            1,
+            ("png", i),
+            files={"images": ("image.png", PNGS[i], "image/png")},
+        )
+
+
+class MultiImageUser(_Checked):
+    @task
+    def classify(self) -> None:
+        start = random.randrange(0, len(PNGS) - MULTI)
+        files = [
+            ("images", (f"{i}.png", PNGS[i], "image/png")) for i in range(start, start + MULTI)
+        ]
+        self._post(
+            "/classify?top_k=1", f"/classify [{MULTI} images]", MULTI, ("multi", start), files=files
+        )
+
+
+class ColourJpegUser(_Checked):
+    @task
+    def classify(self) -> None:
+        i = random.randrange(len(JPEGS))
+        self._post(
+            "/classify?top_k=1",
+            "/classify [256px colour JPEG]",
+            1,
+            ("jpeg", i),
+            files={"images": ("image.jpg", JPEGS[i], "image/jpeg")},
+        )
+
+
+class TensorUser(_Checked):
+    @task
+    def classify(self) -> None:
+        i = random.randrange(len(NPY))
+        self._post(
+            "/classify/tensor?top_k=1",
+            f"/classify/tensor [{TENSOR_BATCH} uint8]",
+            TENSOR_BATCH,
+            ("npy", i),
+            data=NPY[i],
+            headers={"Content-Type": "application/x-npy"},
+        )
+
+
+class V2BinaryUser(FastHttpUser):
+    wait_time = constant(0)
+
+    @task
+    def infer(self) -> None:
+        i = random.randrange(len(V2))
+        body, header_length = V2[i]
+        with self.client.post(
+            f"/v2/models/{V2_MODEL}/infer",
+            name=f"/v2 infer [{TENSOR_BATCH} FP32 binary]",
+            data=body,
+            headers={"Inference-Header-Content-Length": str(header_length)},
             catch_response=True,
         ) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}")
                 return
-            problem = check(resp.json(), 1)
+            problem = _check_v2(resp.content, resp.headers, i)
             if problem:
                 resp.failure(problem)
+
+
+def _check_v2(content: bytes, headers, i: int) -> str | None:  # noqa: ANN001
+    try:
+        n = int(headers.get("Inference-Header-Content-Length"))
+        (out,) = json.loads(content[:n])["outputs"]
+        size = out["parameters"]["binary_data_size"]
+        probs = np.frombuffer(content[n : n + size], dtype="<f4").reshape(out["shape"])
+    except (TypeError, ValueError, KeyError, struct.error):
+        return "malformed v2 body"
+    if probs.shape != (TENSOR_BATCH, len(LABELS)) or not np.allclose(probs.sum(1), 1, atol=1e-4):
+        return "v2 probabilities malformed"
+    return _consistent(("v2", i), probs.argmax(1).tolist())
+
+
+class ConstantRateUser(SingleImageUser):
+    wait_time = constant_throughput(float(os.environ.get("CONVSERVE_LOCUST_RATE", "10")))

@@ -1,0 +1,38 @@
+"""What every peer shares with convserve, so the comparison measures the serving stack only:
+the same image decoding and preprocessing, the same top-k answer."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from models.spec import ModelSpec
+from service.imaging import preprocess
+
+TOP_K = 5
+
+
+def spec_from_env() -> ModelSpec:
+    return ModelSpec.model_validate_json(open(os.environ["PEER_SPEC"]).read())
+
+
+def to_batch(images: list[bytes], spec: ModelSpec) -> np.ndarray:
+    return np.stack([preprocess(data, spec.input) for data in images])  # N x C x H x W
+
+
+def answer(probabilities: np.ndarray, spec: ModelSpec, filenames: list[str | None]) -> dict:
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :TOP_K]
+    return {
+        "model": spec.architecture,
+        "results": [
+            {
+                "filename": name,
+                "predictions": [
+                    {"label": spec.labels[j], "index": int(j), "probability": float(p[j])}
+                    for j in row
+                ],
+            }
+            for name, row, p in zip(filenames, order, probabilities, strict=True)
+        ],
+    }
