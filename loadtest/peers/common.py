@@ -4,6 +4,7 @@ the same image decoding and preprocessing, the same top-k answer."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -14,7 +15,7 @@ TOP_K = 5
 
 
 def spec_from_env() -> ModelSpec:
-    return ModelSpec.model_validate_json(open(os.environ["PEER_SPEC"]).read())
+    return ModelSpec.model_validate_json(Path(os.environ["PEER_SPEC"]).read_text())
 
 
 def to_batch(images: list[bytes], spec: ModelSpec) -> np.ndarray:

@@ -1,0 +1,494 @@
+"""Benchmark harness: convserve against the in-process limit and against its peers, side by
+side in one run, with the same model, preprocessing and load.
+
+    python -m loadtest.bench                      # the full run behind docs/benchmarks.md
+    python -m loadtest.bench --quick --out build/bench-quick   # < 2 minutes, a smoke test
+
+For each scenario it starts the server itself (pinned to its own cores where the machine has
+several), waits for readiness, runs headless Locust (--csv, --html) for a bounded time,
+samples the server's CPU and memory, stops everything it started, and finally writes
+results.json / results.csv, plots and summary.md with ratios and the goals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    command: list[str]  # {port} is filled in
+    health: str
+    env: dict[str, str] = field(default_factory=dict)
+    how: str = ""  # how it is tuned, for the summary
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    server: str
+    user_class: str
+    users: list[int]
+    images_per_request: int = 1
+    model: str = "lenet5"  # which model files the server gets
+
+
+@dataclass
+class Result:
+    scenario: str
+    server: str
+    users: int
+    requests: int
+    failures: int
+    requests_per_s: float
+    images_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    cpu_percent: float
+    peak_rss_mb: float
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cores() -> tuple[list[str], list[str]]:
+    """taskset prefixes for the server and the load generator (none on a single core)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 or not shutil.which("taskset"):
+        return [], []
+    half = len(cpus) // 2
+    server, load = cpus[:half], cpus[half:]
+    return (
+        ["taskset", "-c", ",".join(map(str, server))],
+        ["taskset", "-c", ",".join(map(str, load))],
+    )
+
+
+def servers(threads: int) -> dict[str, Server]:
+    conv_env = {"CONVSERVE_INTRA_OP_THREADS": str(threads), "CONVSERVE_WARMUP_REQUESTS": "12"}
+    peer_env = {"PEER_THREADS": str(threads)}
+    bentoml = [PY, "-m", "bentoml", "serve"]
+    return {
+        "convserve": Server(
+            "convserve",
+            [*bentoml, "service.service:Classifier", "--port", "{port}"],
+            "/readyz",
+            conv_env,
+            "defaults: adaptive batching by images (max 128, 2 s budget), warm-up",
+        ),
+        "convserve-nobatch": Server(
+            "convserve-nobatch",
+            [*bentoml, "service.service:Classifier", "--port", "{port}"],
+            "/readyz",
+            {**conv_env, "CONVSERVE_MAX_BATCH_SIZE": "1"},
+            "adaptive batching off (max batch 1)",
+        ),
+        "fastapi-torch": Server(
+            "fastapi-torch",
+            [
+                PY,
+                "-m",
+                "uvicorn",
+                "loadtest.peers.fastapi_torch:app",
+                "--port",
+                "{port}",
+                "--workers",
+                "1",
+                "--log-level",
+                "warning",
+            ],
+            "/health",
+            peer_env,
+            "uvicorn, 1 worker, sync endpoint (thread pool), torch.inference_mode, threads = cores",
+        ),
+        "bentoml-torch": Server(
+            "bentoml-torch",
+            [*bentoml, "loadtest.peers.bentoml_torch:TorchClassifier", "--port", "{port}"],
+            "/readyz",
+            peer_env,
+            "batchable API (max batch 128, max latency 2 s), 1 worker, threads = cores",
+        ),
+        "litserve-ort": Server(
+            "litserve-ort",
+            [PY, "-m", "loadtest.peers.litserve_ort", "--port", "{port}"],
+            "/health",
+            peer_env,
+            "LitAPI with batching (max batch 64, 5 ms timeout), 1 worker, ORT threads = cores",
+        ),
+    }
+
+
+def _scenarios(quick: bool) -> list[Scenario]:
+    if quick:
+        return [Scenario("lenet5 single image", "convserve", "SingleImageUser", [1, 8])]
+    users = [1, 8, 32, 64]
+    return [
+        *(
+            Scenario("lenet5 single image", s, "SingleImageUser", users)
+            for s in ("convserve", "fastapi-torch", "bentoml-torch", "litserve-ort")
+        ),
+        Scenario("lenet5 single image", "convserve-nobatch", "SingleImageUser", [1, 64]),
+        Scenario("lenet5 32 images per request", "convserve", "MultiImageUser", [8], 32),
+        Scenario("resnet20 at saturation", "convserve", "SingleImageUser", [64], 1, "resnet20"),
+        Scenario(
+            "resnet20 32 images per request", "convserve", "MultiImageUser", [8], 32, "resnet20"
+        ),
+        Scenario(
+            "resnet20 int8 32 images per request",
+            "convserve",
+            "MultiImageUser",
+            [8],
+            32,
+            "resnet20-int8",
+        ),
+    ]
+
+
+class Sampler:
+    """CPU (percent of one core, summed over the process tree) and peak RSS of a server."""
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self.cpu: list[float] = []
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _tree(self) -> list[psutil.Process]:
+        try:
+            return [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def _run(self) -> None:
+        procs = {p.pid: p for p in self._tree()}
+        for p in procs.values():
+            p.cpu_percent(None)
+        while not self._stop.wait(0.5):
+            for p in self._tree():
+                if p.pid not in procs:
+                    procs[p.pid] = p
+                    p.cpu_percent(None)
+            total, rss = 0.0, 0
+            for p in list(procs.values()):
+                try:
+                    total += p.cpu_percent(None)
+                    rss += p.memory_info().rss
+                except psutil.Error:
+                    procs.pop(p.pid, None)
+            self.cpu.append(total)
+            self.peak_rss = max(self.peak_rss, rss)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _start(server: Server, env: dict[str, str], prefix: list[str], log: Path) -> tuple:
+    port = _free_port()
+    cmd = [*prefix, *(c.replace("{port}", str(port)) for c in server.command)]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, **env, **server.env},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{server.name} exited; see {log}")
+        try:
+            if httpx.get(url + server.health, timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    _stop(proc)
+    raise RuntimeError(f"{server.name} not ready in 180 s; see {log}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _locust(
+    url: str,
+    scenario: Scenario,
+    users: int,
+    seconds: int,
+    prefix: list[str],
+    raw: Path,
+    env: dict[str, str],
+) -> dict:
+    stem = raw / f"{scenario.server}-{scenario.model}-{scenario.user_class}-{users}u"
+    cmd = [
+        *prefix,
+        PY,
+        "-m",
+        "locust",
+        "-f",
+        "loadtest/locustfile.py",
+        "--headless",
+        "--host",
+        url,
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-t",
+        f"{seconds}s",
+        "--csv",
+        str(stem),
+        "--html",
+        f"{stem}.html",
+        "--only-summary",
+        "--stop-timeout",
+        "10",
+        scenario.user_class,
+    ]
+    subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, timeout=seconds + 120
+    )
+    with open(f"{stem}_stats.csv") as f:
+        rows = {r["Name"]: r for r in csv.DictReader(f)}
+    return rows["Aggregated"]
+
+
+def _prepare_models(args: argparse.Namespace, work: Path, scenarios: list[Scenario]) -> dict:
+    """Model files per scenario model: a BENTOML_HOME store plus the ONNX/spec/checkpoint."""
+    from export.store import load_model, save_model
+
+    home = work / "bentoml"
+    os.environ["BENTOML_HOME"] = str(home)
+    models: dict[str, dict[str, str]] = {}
+    source = Path(args.bentoml_home) / "models" / "fashion-lenet5"
+    shutil.copytree(source, home / "models" / "fashion-lenet5")
+    lenet = load_model("fashion-lenet5:latest")
+    models["lenet5"] = {
+        "tag": lenet.tag,
+        "onnx": str(lenet.path),
+        "spec": str(lenet.path.parent / "spec.json"),
+        "checkpoint": str(Path(args.checkpoint).resolve()),
+    }
+    if any(s.model.startswith("resnet20") for s in scenarios):
+        import torch
+
+        from export.onnx_export import ExportConfig, export_onnx
+        from export.quantize import quantize_int8
+        from export.verify import known_inputs
+        from models import create_model
+        from models.spec import ModelSpec
+
+        ckpt = Path(args.resnet_checkpoint) if args.resnet_checkpoint else None
+        if ckpt is None:  # throughput does not depend on the weights' values
+            torch.manual_seed(0)
+            kwargs = {"in_channels": 1, "input_size": 28, "num_classes": 10}
+            spec = lenet.spec.model_copy(
+                update={"architecture": "resnet20", "kwargs": kwargs, "metrics": {}}
+            )
+            ckpt = work / "resnet20.pt"
+            torch.save(
+                {
+                    "spec": ModelSpec.model_dump(spec, mode="json"),
+                    "state_dict": create_model("resnet20", **kwargs).state_dict(),
+                },
+                ckpt,
+            )
+        path, spec = export_onnx(ExportConfig(str(ckpt), str(work / "resnet20.onnx")))
+        inputs = known_inputs(spec)
+        int8 = quantize_int8(path, work / "resnet20.int8.onnx", known_inputs(spec, count=256))
+        q = save_model(int8, spec, "bench-resnet20", inputs, precision="int8")
+        f = save_model(path, spec, "bench-resnet20", inputs)
+        for key, stored in (("resnet20", f), ("resnet20-int8", q)):
+            models[key] = {
+                "tag": stored.tag,
+                "onnx": str(stored.path),
+                "spec": str(stored.path.parent / "spec.json"),
+                "checkpoint": str(ckpt),
+            }
+    return models
+
+
+def run(args: argparse.Namespace) -> Path:
+    out = Path(args.out)
+    raw = out / "raw"
+    shutil.rmtree(out, ignore_errors=True)
+    raw.mkdir(parents=True)
+    scenarios = _scenarios(args.quick)
+    seconds = args.seconds or (5 if args.quick else 15)
+    server_prefix, load_prefix = _cores()
+    threads = len(os.sched_getaffinity(0)) // 2 if server_prefix else 1
+    table = servers(max(1, threads))
+    work = Path(tempfile.mkdtemp(prefix="convserve-bench-"))
+    models = _prepare_models(args, work, scenarios)
+    results: list[Result] = []
+    limits: dict[str, dict] = {}
+    try:
+        for model, files in models.items():
+            print(f"in-process limit: {model}", flush=True)
+            done = subprocess.run(
+                [
+                    *server_prefix,
+                    PY,
+                    "-m",
+                    "loadtest.inprocess",
+                    "--onnx",
+                    files["onnx"],
+                    "--spec",
+                    files["spec"],
+                    "--threads",
+                    str(max(1, threads)),
+                    "--seconds",
+                    "1" if args.quick else "3",
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            limits[model] = json.loads(done.stdout)
+        for scenario in scenarios:
+            files = models[scenario.model]
+            env = {
+                "CONVSERVE_MODELS": files["tag"],
+                "PEER_CHECKPOINT": files["checkpoint"],
+                "PEER_ONNX": files["onnx"],
+                "PEER_SPEC": files["spec"],
+            }
+            load_env = {"CONVSERVE_LOCUST_V2_MODEL": files["tag"].split(":")[0]}
+            server = table[scenario.server]
+            log = raw / f"{scenario.server}-{scenario.model}.log"
+            proc, url = _start(server, env, server_prefix, log)
+            try:
+                for users in scenario.users:
+                    print(f"{scenario.name}: {server.name}, {users} users", flush=True)
+                    with Sampler(proc.pid) as sampler:
+                        row = _locust(url, scenario, users, seconds, load_prefix, raw, load_env)
+                    rps = float(row["Requests/s"])
+                    results.append(
+                        Result(
+                            scenario=scenario.name,
+                            server=server.name,
+                            users=users,
+                            requests=int(row["Request Count"]),
+                            failures=int(row["Failure Count"]),
+                            requests_per_s=rps,
+                            images_per_s=rps * scenario.images_per_request,
+                            p50_ms=float(row["50%"]),
+                            p95_ms=float(row["95%"]),
+                            p99_ms=float(row["99%"]),
+                            cpu_percent=max(sampler.cpu, default=0.0),
+                            peak_rss_mb=sampler.peak_rss / 1e6,
+                        )
+                    )
+            finally:
+                _stop(proc)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _write(out, results, limits, table, scenarios, seconds, server_prefix, load_prefix, args)
+    return out
+
+
+def _write(out, results, limits, table, scenarios, seconds, server_prefix, load_prefix, args):  # noqa: ANN001, PLR0913
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "results": [asdict(r) for r in results],
+                "in_process": limits,
+                "machine": _machine(),
+                "seconds_per_run": seconds,
+            },
+            indent=2,
+        )
+    )
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in results)
+    from loadtest.report import plot, summary
+
+    plot(results, out)
+    (out / "summary.md").write_text(
+        summary(results, limits, table, scenarios, seconds, server_prefix, load_prefix, args.quick)
+    )
+
+
+def _machine() -> dict:
+    import onnxruntime
+
+    cpu = platform.processor()
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as info:
+        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model"))
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gb": round(psutil.virtual_memory().total / 1e9),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one short scenario (smoke test)")
+    parser.add_argument("--out", default="docs/bench")
+    parser.add_argument("--seconds", type=int, help="per run (default 15, quick 5)")
+    parser.add_argument(
+        "--bentoml-home",
+        default=os.environ.get("BENTOML_HOME", str(Path.home() / "bentoml")),
+        help="store holding fashion-lenet5",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default="runs/default/best.pt",
+        help="the PyTorch checkpoint of that model, for the PyTorch peers",
+    )
+    parser.add_argument("--resnet-checkpoint", help="a trained resnet20 (default: untrained)")
+    args = parser.parse_args(argv)
+    out = run(args)
+    print(f"results in {out}/ (summary.md, results.json, results.csv, plots, raw/)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

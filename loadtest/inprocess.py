@@ -1,0 +1,81 @@
+"""The hardware limit: in-process ONNX Runtime throughput and latency for one model file, with
+the threads the server gets (run it pinned to the server's cores).
+
+    taskset -c 0 python -m loadtest.inprocess --onnx model.onnx --spec spec.json --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from models.data import load_fashion_mnist
+from models.spec import ModelSpec
+from service.imaging import preprocess
+
+
+def measure(onnx: str, spec: ModelSpec, threads: int, batch_sizes: list[int], seconds: float):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    images = load_fashion_mnist("test").images[:256]
+    pngs = []
+    for img in images:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "PNG")
+        pngs.append(buf.getvalue())
+    x = np.stack([preprocess(p, spec.input) for p in pngs])
+    results = []
+    for batch in batch_sizes:
+        xb = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))
+        for _ in range(5):
+            session.run(None, {name: xb})
+        times = []
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(times) < 10:
+            t0 = time.perf_counter()
+            session.run(None, {name: xb})
+            times.append(time.perf_counter() - t0)
+        p50 = float(np.median(times))
+        results.append(
+            {"batch": batch, "p50_ms": 1000 * p50, "images_per_s": batch / float(np.mean(times))}
+        )
+    # One image end to end as a server sees it: PNG decode + preprocessing + inference.
+    times = []
+    deadline = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < deadline or len(times) < 10:
+        t0 = time.perf_counter()
+        xb = preprocess(pngs[i % len(pngs)], spec.input)[None]
+        session.run(None, {name: xb})
+        times.append(time.perf_counter() - t0)
+        i += 1
+    single = {"p50_ms": 1000 * float(np.median(times)), "requests_per_s": 1 / float(np.mean(times))}
+    return {"threads": threads, "batches": results, "single_image_with_decode": single}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--onnx", required=True)
+    parser.add_argument("--spec", required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-sizes", default="1,8,32,64")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args()
+    spec = ModelSpec.model_validate_json(Path(args.spec).read_text())
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    print(json.dumps(measure(args.onnx, spec, args.threads, sizes, args.seconds)))
+
+
+if __name__ == "__main__":
+    main()

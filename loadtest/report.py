@@ -1,0 +1,195 @@
+"""Plots and the Markdown summary of a benchmark run (loadtest/bench.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+SINGLE = "lenet5 single image"
+
+
+def plot(results: list, out: Path) -> None:
+    single = [r for r in results if r.scenario == SINGLE]
+    names = sorted({r.server for r in single})
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+        rows = sorted((r for r in single if r.server == name), key=lambda r: r.users)
+        ax.plot([r.users for r in rows], [r.requests_per_s for r in rows], "o-", label=name)
+    ax.set(
+        xlabel="concurrent users",
+        ylabel="requests/s",
+        xscale="log",
+        title="LeNet-5, one image per request: throughput",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "throughput_vs_users.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=False)
+    for ax, pct in zip(axes, ("p50_ms", "p95_ms", "p99_ms"), strict=True):
+        for name in names:
+            rows = sorted((r for r in single if r.server == name), key=lambda r: r.users)
+            ax.plot(
+                [r.requests_per_s for r in rows], [getattr(r, pct) for r in rows], "o-", label=name
+            )
+        ax.set(
+            xlabel="requests/s",
+            ylabel=f"{pct[:3]} latency (ms)",
+            yscale="log",
+            title=f"{pct[:3]} latency against throughput",
+        )
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "latency_vs_throughput.png", dpi=120)
+    plt.close(fig)
+
+
+def _find(results: list, scenario: str, server: str, users: int):  # noqa: ANN202
+    return next(
+        (r for r in results if r.scenario == scenario and r.server == server and r.users == users),
+        None,
+    )
+
+
+def _goal(name: str, target: str, value: str, met: bool | None) -> str:
+    verdict = "not measured" if met is None else ("met" if met else "**missed**")
+    return f"| {name} | {target} | {value} | {verdict} |"
+
+
+def goals(results: list, limits: dict) -> list[str]:
+    lines = ["| goal | target | measured | |", "|---|---|---|---|"]
+    # 1. ResNet at saturation, served against in-process.
+    served = max(
+        (
+            r.images_per_s
+            for r in results
+            if r.scenario.startswith("resnet20") and "int8" not in r.scenario
+        ),
+        default=None,
+    )
+    limit = max(
+        (b["images_per_s"] for b in limits.get("resnet20", {}).get("batches", [])), default=None
+    )
+    if served and limit:
+        ratio = served / limit
+        lines.append(
+            _goal(
+                "served ÷ in-process, ResNet-20 at saturation",
+                "≥ 0.90",
+                f"{served:.0f} ÷ {limit:.0f} images/s = {ratio:.2f}",
+                ratio >= 0.90,
+            )
+        )
+    else:
+        lines.append(_goal("served ÷ in-process, ResNet at saturation", "≥ 0.90", "–", None))
+    # 2. LeNet-5 single image at 64 users against the peers.
+    ours = _find(results, SINGLE, "convserve", 64)
+    for peer, factor in (("fastapi-torch", 2.0), ("litserve-ort", 1.0)):
+        theirs = _find(results, SINGLE, peer, 64)
+        target = f"≥ {factor:g}× {peer}"
+        if ours and theirs and theirs.requests_per_s:
+            ratio = ours.requests_per_s / theirs.requests_per_s
+            value = f"{ours.requests_per_s:.0f} ÷ {theirs.requests_per_s:.0f} req/s = {ratio:.2f}×"
+            lines.append(
+                _goal("LeNet-5 single-image req/s, 64 users", target, value, ratio >= factor)
+            )
+        else:
+            lines.append(_goal("LeNet-5 single-image req/s, 64 users", target, "–", None))
+    # 3. p50 at one user against in-process latency (decode + preprocessing + inference).
+    one = _find(results, SINGLE, "convserve", 1)
+    single = limits.get("lenet5", {}).get("single_image_with_decode")
+    if one and single:
+        bound = single["p50_ms"] + 1.5
+        lines.append(
+            _goal(
+                "p50 latency at 1 user",
+                "≤ in-process + 1.5 ms",
+                f"{one.p50_ms:.1f} ms vs {single['p50_ms']:.2f} + 1.5 = {bound:.2f} ms",
+                one.p50_ms <= bound,
+            )
+        )
+    # 4. Zero errors below saturation (every convserve run under 64 users).
+    below = [r for r in results if r.server.startswith("convserve") and r.users < 64]
+    failures = sum(r.failures for r in below)
+    lines.append(
+        _goal(
+            "errors below saturation (convserve, < 64 users)",
+            "0",
+            f"{failures} of {sum(r.requests for r in below)} requests",
+            failures == 0 if below else None,
+        )
+    )
+    return lines
+
+
+def summary(results, limits, table, scenarios, seconds, server_prefix, load_prefix, quick) -> str:  # noqa: ANN001, PLR0913
+    from loadtest.bench import _machine
+
+    m = _machine()
+    lines = [
+        "# Benchmark run" + (" (quick mode: a smoke test, not a measurement)" if quick else ""),
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; Python {m['python']}, "
+        f"ONNX Runtime {m['onnxruntime']}. Each run: {seconds} s of headless Locust, closed "
+        "loop (users send back to back), every response checked.",
+        "",
+        f"Pinning: server `{' '.join(server_prefix) or 'none'}`, load generator "
+        f"`{' '.join(load_prefix) or 'none'}`; the in-process limit runs on the server's cores "
+        "with the server's threads.",
+        "",
+        "## Servers",
+        "",
+        "| server | how it is tuned |",
+        "|---|---|",
+        *(
+            f"| {s.name} | {s.how} |"
+            for s in table.values()
+            if any(sc.server == s.name for sc in scenarios)
+        ),
+        "",
+        "## Goals",
+        "",
+        *goals(results, limits),
+        "",
+        "## Results",
+        "",
+        "| scenario | server | users | requests | failures | req/s | images/s | p50 ms | "
+        "p95 ms | p99 ms | server CPU % | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {r.scenario} | {r.server} | {r.users} | {r.requests} | {r.failures} | "
+            f"{r.requests_per_s:.0f} | {r.images_per_s:.0f} | {r.p50_ms:.0f} | {r.p95_ms:.0f} | "
+            f"{r.p99_ms:.0f} | {r.cpu_percent:.0f} | {r.peak_rss_mb:.0f} |"
+            for r in results
+        ),
+        "",
+        "## In-process limit (ONNX Runtime, no HTTP)",
+        "",
+        "| model | batch | p50 ms per batch | images/s |",
+        "|---|---|---|---|",
+        *(
+            f"| {model} | {b['batch']} | {b['p50_ms']:.2f} | {b['images_per_s']:.0f} |"
+            for model, lim in limits.items()
+            for b in lim["batches"]
+        ),
+        "",
+        *(
+            f"{model}: one PNG decoded, preprocessed and classified in-process: p50 "
+            f"{lim['single_image_with_decode']['p50_ms']:.2f} ms "
+            f"({lim['single_image_with_decode']['requests_per_s']:.0f} per second)."
+            for model, lim in limits.items()
+        ),
+        "",
+        "![throughput](throughput_vs_users.png)",
+        "",
+        "![latency](latency_vs_throughput.png)",
+        "",
+    ]
+    return "\n".join(lines)
