@@ -100,7 +100,7 @@ def servers(threads: int) -> dict[str, Server]:
             [*bentoml, "service.service:Classifier", "--port", "{port}"],
             "/readyz",
             conv_env,
-            "defaults: adaptive batching by images (max 128, 2 s budget), warm-up",
+            "defaults: adaptive batching by images (max 128, 2 s budget), warm-up, no access log",
         ),
         "convserve-nobatch": Server(
             "convserve-nobatch",
@@ -125,21 +125,24 @@ def servers(threads: int) -> dict[str, Server]:
             ],
             "/health",
             peer_env,
-            "uvicorn, 1 worker, sync endpoint (thread pool), torch.inference_mode, threads = cores",
+            "uvicorn, 1 worker, sync endpoint (thread pool), torch.inference_mode, threads = "
+            "cores, no access log",
         ),
         "bentoml-torch": Server(
             "bentoml-torch",
             [*bentoml, "loadtest.peers.bentoml_torch:TorchClassifier", "--port", "{port}"],
             "/readyz",
             peer_env,
-            "batchable API (max batch 128, max latency 2 s), 1 worker, threads = cores",
+            "batchable API (max batch 128, max latency 2 s), 1 worker, threads = cores, "
+            "no access log",
         ),
         "litserve-ort": Server(
             "litserve-ort",
             [PY, "-m", "loadtest.peers.litserve_ort", "--port", "{port}"],
             "/health",
             peer_env,
-            "LitAPI with batching (max batch 64, 5 ms timeout), 1 worker, ORT threads = cores",
+            "LitAPI with batching (max batch 64, 5 ms timeout), 1 worker, ORT threads = cores, "
+            "no access log",
         ),
     }
 
@@ -458,7 +461,7 @@ def _machine() -> dict:
 
     cpu = platform.processor()
     with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as info:
-        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model"))
+        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     return {
         "cpu": cpu,
         "cores": len(os.sched_getaffinity(0)),

@@ -19,7 +19,13 @@ from PIL.Image import Image
 from loadtest.peers.common import answer, spec_from_env
 
 
-@bentoml.service(name="bentoml-torch", workers=1, traffic={"timeout": 60})
+# Access log off, as for every server in the benchmark: the stacks are compared, not logging.
+@bentoml.service(
+    name="bentoml-torch",
+    workers=1,
+    traffic={"timeout": 60},
+    logging={"access": {"enabled": False}},
+)
 class TorchClassifier:
     def __init__(self) -> None:
         import torch

@@ -50,7 +50,8 @@ def main() -> None:
     args = parser.parse_args()
     api = OrtClassifier(max_batch_size=64, batch_timeout=0.005, api_path="/classify")
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=60)
-    server.run(port=args.port, host="127.0.0.1", generate_client_file=False)
+    # Access log off, as for every server in the benchmark.
+    server.run(port=args.port, host="127.0.0.1", generate_client_file=False, log_level="warning")
 
 
 if __name__ == "__main__":
