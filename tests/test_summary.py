@@ -49,6 +49,6 @@ def test_summary_command_prints_the_seed_table(capsys: pytest.CaptureFixture[str
 
 @pytest.mark.parametrize("name", models.list_models())
 def test_summary_covers_every_model(name: str):
-    model = models.create_model(name)
+    model = models.create_model(name, in_channels=1, input_size=28, num_classes=10)
     rows = summarize(model, in_channels=1, input_size=28)
     assert rows[-1].size == 10  # the classifier's output
