@@ -79,9 +79,6 @@ async def handle_validation_error(request: Request, exc: Exception) -> JSONRespo
 def _describe(err: dict) -> str:
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     where = ".".join(loc) or "request"
-    if len(loc) >= 2 and err.get("type") == "value_error" and "UploadFile" in str(err.get("msg")):
-        # Pydantic's text names Python classes; say what the client must send instead.
-        return f"{where}: must be an uploaded file (text and URLs are not accepted)"
     return f"{where}: {err.get('msg', 'invalid')}"
 
 

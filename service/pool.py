@@ -92,7 +92,6 @@ class ServedModel:
     stored: StoredModel
     classifier: OnnxClassifier
     batcher: Batcher
-    listed_as: str  # the tag as configured, e.g. "fashion-lenet5:latest"
 
     @property
     def spec(self) -> ModelSpec:
@@ -124,7 +123,7 @@ class ModelPool:
                 timeout_s=settings.request_timeout_ms / 1000,
                 observer=metrics.observer(stored.tag) if metrics else None,
             )
-            models.append(ServedModel(stored, classifier, batcher, listed_as=tag))
+            models.append(ServedModel(stored, classifier, batcher))
         _refuse_duplicates([m.stored.tag for m in models])
         return cls(models)
 
