@@ -27,6 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.errors import ApiError
+from service.runtime import top_k
 
 OUTPUT_NAME = "probabilities"
 PLATFORM = "onnxruntime_onnx"
@@ -230,11 +231,11 @@ def build_response(
     for out in request.outputs:
         if out.classification:
             k = min(out.classification, probabilities.shape[1])
-            order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+            indices, scores = top_k(probabilities, k)
             strings = [
-                f"{float(probabilities[i, j])}:{int(j)}:{labels[int(j)]}"
-                for i, row in enumerate(order)
-                for j in row
+                f"{float(p)}:{int(j)}:{labels[int(j)]}"
+                for row_i, row_p in zip(indices, scores, strict=True)
+                for j, p in zip(row_i, row_p, strict=True)
             ]
             entry: dict[str, Any] = {
                 "name": out.name,

@@ -10,6 +10,7 @@ import numpy as np
 
 from models.spec import ModelSpec
 from service.imaging import preprocess
+from service.runtime import top_k
 
 TOP_K = 5
 
@@ -23,17 +24,17 @@ def to_batch(images: list[bytes], spec: ModelSpec) -> np.ndarray:
 
 
 def answer(probabilities: np.ndarray, spec: ModelSpec, filenames: list[str | None]) -> dict:
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :TOP_K]
+    indices, scores = top_k(probabilities, TOP_K)
     return {
         "model": spec.architecture,
         "results": [
             {
                 "filename": name,
                 "predictions": [
-                    {"label": spec.labels[j], "index": int(j), "probability": float(p[j])}
-                    for j in row
+                    {"label": spec.labels[j], "index": int(j), "probability": float(p)}
+                    for j, p in zip(row_i, row_p, strict=True)
                 ],
             }
-            for name, row, p in zip(filenames, order, probabilities, strict=True)
+            for name, row_i, row_p in zip(filenames, indices, scores, strict=True)
         ],
     }
