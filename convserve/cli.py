@@ -119,21 +119,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _store_int8(path: Path, spec: Any, name: str, inputs: Any, args: argparse.Namespace) -> None:
     """INT8 (QDQ, calibrated on training images) as a newer version of the same model."""
-    import numpy as np
-    from PIL import Image
-
-    from export.quantize import compare_precisions, quantize_int8
+    from export.quantize import quantize_with_report
     from export.store import save_model
-    from models.data import load_fashion_mnist
-    from service.imaging import to_input
 
-    def prepared(images: Any) -> Any:
-        return np.stack([to_input(Image.fromarray(img), spec.input) for img in images])
-
-    train = load_fashion_mnist("train", args.data_dir)
-    test = load_fashion_mnist("test", args.data_dir)
-    int8_path = quantize_int8(path, path.with_suffix(".int8.onnx"), prepared(train.images[:512]))
-    report = compare_precisions(path, int8_path, prepared(test.images), test.labels)
+    int8_path, report = quantize_with_report(path, spec, args.data_dir)
     print(
         f"int8: test accuracy {100 * report.int8_accuracy:.2f}% (fp32 "
         f"{100 * report.fp32_accuracy:.2f}%), {report.int8_ms_per_batch:.2f} ms vs "

@@ -19,6 +19,10 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from models.data import load_fashion_mnist
+from models.spec import ModelSpec
+from service.imaging import to_inputs
+
 
 class _Batches(CalibrationDataReader):
     def __init__(self, input_name: str, images: np.ndarray, batch_size: int) -> None:
@@ -134,3 +138,22 @@ def compare_precisions(
         batch_size=batch_size,
         threads=threads,
     )
+
+
+def quantize_with_report(
+    fp32_path: str | Path, spec: ModelSpec, data_dir: str | None = None, calibration: int = 512
+) -> tuple[Path, PrecisionReport]:
+    """INT8 beside the FP32 file (`model.int8.onnx`), calibrated on the first `calibration`
+    Fashion-MNIST training images, and compared with FP32 on the whole test set."""
+    fp32_path = Path(fp32_path)
+    train = load_fashion_mnist("train", data_dir)
+    test = load_fashion_mnist("test", data_dir)
+    int8_path = quantize_int8(
+        fp32_path,
+        fp32_path.with_suffix(".int8.onnx"),
+        to_inputs(train.images[:calibration], spec.input),
+    )
+    report = compare_precisions(
+        fp32_path, int8_path, to_inputs(test.images, spec.input), test.labels
+    )
+    return int8_path, report

@@ -9,18 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from export.onnx_export import ExportConfig, export_onnx
-from export.quantize import compare_precisions, quantize_int8
+from export.quantize import quantize_with_report
 from models.data import load_fashion_mnist
 from models.train import load_checkpoint
-from service.imaging import to_input
-
-
-def _prepared(images: np.ndarray, spec) -> np.ndarray:  # noqa: ANN001 - InputSpec
-    return np.stack([to_input(Image.fromarray(img), spec) for img in images])
+from service.imaging import to_inputs
 
 
 def write_report(
@@ -39,13 +34,10 @@ def write_report(
     flops = counter.get_total_flops()  # multiply-adds count 2
 
     onnx_path = out / "model.onnx"
-    int8_path = out / "model.int8.onnx"
     export_onnx(ExportConfig(str(run / "best.pt"), str(onnx_path)))
-    train = load_fashion_mnist("train", data_dir)
+    int8_path, precision = quantize_with_report(onnx_path, spec, data_dir)
     test = load_fashion_mnist("test", data_dir)
-    x_test = _prepared(test.images, spec.input)
-    quantize_int8(onnx_path, int8_path, _prepared(train.images[:512], spec.input))
-    precision = compare_precisions(onnx_path, int8_path, x_test, test.labels)
+    x_test = to_inputs(test.images, spec.input)
 
     with torch.no_grad():
         predicted = np.concatenate(

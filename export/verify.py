@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from PIL import Image
 
 from models.data import load_fashion_mnist
 from models.spec import ModelSpec
 from models.train import load_checkpoint
-from service.imaging import to_input
+from service.imaging import normalize_pixels, to_inputs
 
 # Stated tolerance: float32 kernels of two runtimes agree to ~1e-6 on logits of this size.
 MAX_ABS_LOGIT_DIFF = 1e-4
@@ -32,17 +31,14 @@ class ParityReport:
 
 def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """uint8 N x H x W (grey) -> float32 N x 1 x H x W, exactly as training normalizes."""
-    x = images.astype(np.float32)[:, None] / np.float32(255.0)
-    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
-    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
-    return (x - m) / s
+    return normalize_pixels(images[:, None], mean, std)
 
 
 def known_inputs(spec: ModelSpec, *, count: int = 16, data_dir: str | None = None) -> np.ndarray:
     """The first `count` Fashion-MNIST test images, preprocessed for `spec` exactly as the
     service does (any channels and size): the inputs of the start-up self-test."""
     test = load_fashion_mnist("test", data_dir)
-    return np.stack([to_input(Image.fromarray(img), spec.input) for img in test.images[:count]])
+    return to_inputs(test.images[:count], spec.input)
 
 
 def check_parity(

@@ -118,11 +118,25 @@ def to_input(img: Image.Image, spec: InputSpec) -> np.ndarray:
     img = img.convert("L" if spec.channels == 1 else "RGB")
     if img.size != (spec.width, spec.height):
         img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
-    x = np.asarray(img, dtype=np.float32) / np.float32(255.0)
-    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)  # H x W (x C) -> C x H x W
-    mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
-    std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
-    return (x - mean) / std
+    pixels = np.asarray(img)
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # -> C x H x W
+    return normalize_pixels(pixels, spec.mean, spec.std)
+
+
+def normalize_pixels(
+    pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
+) -> np.ndarray:
+    """Pixels 0..255 with channels on axis -3 (C x H x W or N x C x H x W) -> float32,
+    scaled to [0, 1] and normalized per channel: the one normalization every input path uses."""
+    x = np.asarray(pixels, dtype=np.float32) / np.float32(255.0)
+    m = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+    return (x - m) / s
+
+
+def to_inputs(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """uint8 images N x H x W (x C) -> N x C x H x W, exactly as uploads are preprocessed."""
+    return np.stack([to_input(Image.fromarray(img), spec) for img in images])
 
 
 def preprocess(

@@ -13,6 +13,7 @@ import numpy as np
 
 from models.spec import InputSpec
 from service.errors import ApiError
+from service.imaging import normalize_pixels
 
 NPY_MAGIC = b"\x93NUMPY"
 DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
@@ -88,10 +89,7 @@ def to_model_input(array: np.ndarray, spec: InputSpec, max_images: int) -> np.nd
     if n > max_images:
         raise ApiError(422, "too_many_images", f"{n} images sent; at most {max_images} per request")
     if array.dtype == np.uint8:
-        x = array.astype(np.float32) / np.float32(255.0)
-        mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, -1, 1, 1)
-        std = np.asarray(spec.std, dtype=np.float32).reshape(1, -1, 1, 1)
-        return (x - mean) / std
+        return normalize_pixels(array, spec.mean, spec.std)
     if not np.isfinite(array).all():
         raise _invalid("the tensor holds NaN or infinite values")
     return np.ascontiguousarray(array, dtype=np.float32)
