@@ -7,10 +7,19 @@
 #   docker build --target gpu -t convserve:gpu .                  # CUDA / TensorRT providers
 #   docker run --read-only --tmpfs /tmp -p 3000:3000 convserve
 #
-# Stages: base (python) -> model-train | model-dir -> model; deps (serving venv) -> runtime.
+# Stages: source; base (python) -> model-train | model-dir -> model; deps (serving venv) -> runtime.
 ARG BASE_IMAGE=debian:bookworm-slim
 ARG CUDA_BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 ARG MODEL_SOURCE=train
+
+# The sources every Python stage installs from, copied from the context once.
+FROM scratch AS source
+COPY pyproject.toml constraints.txt README.md /src/
+COPY convserve /src/convserve
+COPY models /src/models
+COPY export /src/export
+COPY service /src/service
+COPY loadtest /src/loadtest
 
 FROM ${BASE_IMAGE} AS base
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
@@ -25,12 +34,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends dataset-fashion-mnist \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml constraints.txt README.md ./
-COPY convserve ./convserve
-COPY models ./models
-COPY export ./export
-COPY service ./service
-COPY loadtest ./loadtest
+COPY --from=source /src ./
 RUN python3 -m venv /opt/train \
  && /opt/train/bin/pip install --extra-index-url "${TORCH_INDEX}" -c constraints.txt "torch==2.13.0" \
  && /opt/train/bin/pip install -c constraints.txt ".[train]"
@@ -49,12 +53,7 @@ FROM model-${MODEL_SOURCE} AS model
 # --- serving dependencies, no torch, no compilers in the final image ------------------------
 FROM base AS deps
 WORKDIR /src
-COPY pyproject.toml constraints.txt README.md ./
-COPY convserve ./convserve
-COPY models ./models
-COPY export ./export
-COPY service ./service
-COPY loadtest ./loadtest
+COPY --from=source /src ./
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install -c constraints.txt . \
  && /opt/venv/bin/python -c "import importlib.util as u; assert u.find_spec('torch') is None" \
@@ -66,12 +65,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends dataset-fashion-mnist \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml constraints.txt README.md ./
-COPY convserve ./convserve
-COPY models ./models
-COPY export ./export
-COPY service ./service
-COPY loadtest ./loadtest
+COPY --from=source /src ./
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install -c constraints.txt ".[loadtest]"
 USER 10001
 ENTRYPOINT ["/opt/venv/bin/locust", "-f", "loadtest/locustfile.py"]
@@ -86,12 +80,7 @@ RUN apt-get update \
       --shell /usr/sbin/nologin convserve \
  && mkdir -p /opt/convserve/bentoml/bentos /opt/convserve/bentoml/envs /opt/convserve/bentoml/tmp
 WORKDIR /src
-COPY pyproject.toml constraints.txt README.md ./
-COPY convserve ./convserve
-COPY models ./models
-COPY export ./export
-COPY service ./service
-COPY loadtest ./loadtest
+COPY --from=source /src ./
 # onnxruntime-gpu replaces the CPU wheel (both provide the onnxruntime module).
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install ".[gpu]" \
