@@ -15,7 +15,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -23,7 +23,7 @@ def _free_port() -> int:
 
 def start_server(home: Path, log_path: Path, **settings: str) -> tuple[subprocess.Popen, str]:
     """`bentoml serve` on a free port with CONVSERVE_* settings; returns once /readyz is 200."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "BENTOML_HOME": str(home),
@@ -40,15 +40,21 @@ def start_server(home: Path, log_path: Path, **settings: str) -> tuple[subproces
             start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    wait_ready(proc, url, log_path)
+    return proc, url
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float = 120) -> None:
+    """Until `url`/readyz answers 200; fails with the server's log if it exits or times out."""
+    deadline = time.monotonic() + timeout
     while True:
         assert proc.poll() is None, log_path.read_text()
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
+                return
         except httpx.TransportError:
             pass
-        assert time.monotonic() < deadline, "server not ready in 120 s:\n" + log_path.read_text()
+        assert time.monotonic() < deadline, f"not ready in {timeout:g} s:\n" + log_path.read_text()
         time.sleep(0.3)
 
 

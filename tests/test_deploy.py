@@ -17,6 +17,7 @@ import httpx
 import pytest
 import yaml
 from PIL import Image
+from serving import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -144,14 +145,6 @@ def image(default_stored, bentoml_home, tmp_path_factory):
     subprocess.run([*BUILDAH, "rmi", IMAGE_TAG], capture_output=True)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serving_processes() -> dict[int, int]:
     """pid -> uid of the server processes inside a container: with chroot isolation they are
     host processes whose root directory is the container's file system."""
@@ -199,7 +192,7 @@ def test_image_is_lean_non_root_and_serves(image, fashion_test):
     assert size_mb <= 600
 
     # The image's own CMD, on a free port; only /tmp is writable for the server's user.
-    port = _free_port()
+    port = free_port()
     command = [*cmd[:-1], str(port)] if cmd[-2] == "--port" else cmd
     container = _run([*BUILDAH, "from", image]).stdout.strip()
     log = open(ROOT / "build" / "container-run.log", "wb")  # noqa: SIM115 - closed below
@@ -211,15 +204,7 @@ def test_image_is_lean_non_root_and_serves(image, fashion_test):
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        while True:
-            assert server.poll() is None, (ROOT / "build" / "container-run.log").read_text()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() - t0 < 120, (ROOT / "build" / "container-run.log").read_text()
-            time.sleep(0.3)
+        wait_ready(server, url, ROOT / "build" / "container-run.log")
         print(f"container ready {time.monotonic() - t0:.1f} s after start")
         buf = io.BytesIO()
         Image.fromarray(fashion_test.images[0]).save(buf, "PNG")
