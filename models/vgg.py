@@ -70,10 +70,6 @@ class VGG(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _vgg(config: str, **kwargs) -> VGG:
-    return VGG(config, **kwargs)
-
-
 @register_model
 def vgg11(
     *,
@@ -83,7 +79,7 @@ def vgg11(
     batch_norm: bool = False,
     width: float = 1.0,
 ) -> VGG:
-    return _vgg("A", in_channels=in_channels, input_size=input_size, num_classes=num_classes,
+    return VGG("A", in_channels=in_channels, input_size=input_size, num_classes=num_classes,
                 batch_norm=batch_norm, width=width)  # fmt: skip
 
 
@@ -96,5 +92,5 @@ def vgg16(
     batch_norm: bool = False,
     width: float = 1.0,
 ) -> VGG:
-    return _vgg("D", in_channels=in_channels, input_size=input_size, num_classes=num_classes,
+    return VGG("D", in_channels=in_channels, input_size=input_size, num_classes=num_classes,
                 batch_norm=batch_norm, width=width)  # fmt: skip
