@@ -73,6 +73,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         test_limit=args.test_limit,
         threads=args.threads,
         amp=not args.no_amp,
+        channels_last=not args.no_channels_last,
         resume=args.resume,
         stop_after=args.stop_after,
         init_from=args.init_from,
@@ -238,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
     p.add_argument("--no-hflip", action="store_true", help="random crop without flips")
     p.add_argument("--no-amp", action="store_true", help="full precision on a GPU too")
+    p.add_argument(
+        "--no-channels-last", action="store_true", help="NCHW activations (default: NHWC)"
+    )
     p.add_argument("--resume", metavar="LAST_PT", help="continue a run from its last.pt")
     p.add_argument("--stop-after", type=int, metavar="EPOCH", help="end after that epoch")
     p.add_argument("--init-from", metavar="CHECKPOINT", help="transfer learning: start from it")

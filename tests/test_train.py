@@ -65,6 +65,21 @@ def _config(tmp_path, **kw):
     return TrainConfig(out_dir=str(tmp_path), **{**base, **kw})
 
 
+def test_channels_last_training_computes_the_same_model_as_nchw(tmp_path):
+    # NHWC is a layout choice for speed only: the same seeded run in either layout must end
+    # with the same weights, up to float rounding in the convolution kernels.
+    from models.train import train
+
+    states = []
+    for layout, channels_last in (("nhwc", True), ("nchw", False)):
+        run = train(_config(tmp_path / layout, train_limit=512, channels_last=channels_last))
+        states.append(torch.load(run.checkpoint, weights_only=True)["state_dict"])
+    nhwc, nchw = states
+    assert nhwc.keys() == nchw.keys()
+    for name in nhwc:
+        torch.testing.assert_close(nhwc[name], nchw[name], rtol=1e-4, atol=1e-5)
+
+
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
     from models.train import train
 
