@@ -104,16 +104,22 @@ def _accuracy(session: ort.InferenceSession, x: np.ndarray, y: np.ndarray) -> fl
     return float((predicted == y).mean())
 
 
-def _ms_per_batch(session: ort.InferenceSession, batch: np.ndarray, repeats: int) -> float:
-    name = session.get_inputs()[0].name
+def _ms_per_batch(
+    sessions: list[ort.InferenceSession], batch: np.ndarray, repeats: int
+) -> list[float]:
+    """Median milliseconds per run of each session, the sessions taking turns run by run so
+    that a slow spell of the machine hits both alike and the ratio stays fair."""
+    feeds = [{s.get_inputs()[0].name: batch} for s in sessions]
     for _ in range(3):
-        session.run(None, {name: batch})
-    times = []
+        for session, feed in zip(sessions, feeds, strict=True):
+            session.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        session.run(None, {name: batch})
-        times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times))
+        for session, feed, own in zip(sessions, feeds, times, strict=True):
+            t0 = time.perf_counter()
+            session.run(None, feed)
+            own.append(time.perf_counter() - t0)
+    return [1000 * float(np.median(own)) for own in times]
 
 
 def compare_precisions(
@@ -129,12 +135,12 @@ def compare_precisions(
     """Accuracy on (x_test, y_test) and median latency of one batch, measured alternately in
     one process with the same threads, so the ratio is fair."""
     fp32, int8 = _session(fp32_path, threads), _session(int8_path, threads)
-    batch = x_test[:batch_size]
+    fp32_ms, int8_ms = _ms_per_batch([fp32, int8], x_test[:batch_size], repeats)
     return PrecisionReport(
         fp32_accuracy=_accuracy(fp32, x_test, y_test),
         int8_accuracy=_accuracy(int8, x_test, y_test),
-        fp32_ms_per_batch=_ms_per_batch(fp32, batch, repeats),
-        int8_ms_per_batch=_ms_per_batch(int8, batch, repeats),
+        fp32_ms_per_batch=fp32_ms,
+        int8_ms_per_batch=int8_ms,
         batch_size=batch_size,
         threads=threads,
     )
