@@ -147,19 +147,23 @@ def compare_precisions(
 
 
 def quantize_with_report(
-    fp32_path: str | Path, spec: ModelSpec, data_dir: str | None = None, calibration: int = 512
+    fp32_path: str | Path,
+    spec: ModelSpec,
+    data_dir: str | None = None,
+    calibration: int = 512,
+    test_set: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[Path, PrecisionReport]:
     """INT8 beside the FP32 file (`model.int8.onnx`), calibrated on the first `calibration`
-    Fashion-MNIST training images, and compared with FP32 on the whole test set."""
+    Fashion-MNIST training images, and compared with FP32 on the whole test set. `test_set`:
+    (inputs, labels) already preprocessed for `spec`, for a caller that has them anyway."""
     fp32_path = Path(fp32_path)
     train = load_fashion_mnist("train", data_dir)
-    test = load_fashion_mnist("test", data_dir)
+    if test_set is None:
+        test = load_fashion_mnist("test", data_dir)
+        test_set = (to_inputs(test.images, spec.input), test.labels)
     int8_path = quantize_int8(
         fp32_path,
         fp32_path.with_suffix(".int8.onnx"),
         to_inputs(train.images[:calibration], spec.input),
     )
-    report = compare_precisions(
-        fp32_path, int8_path, to_inputs(test.images, spec.input), test.labels
-    )
-    return int8_path, report
+    return int8_path, compare_precisions(fp32_path, int8_path, *test_set)

@@ -35,9 +35,11 @@ def write_report(
 
     onnx_path = out / "model.onnx"
     export_onnx(ExportConfig(str(run / "best.pt"), str(onnx_path)))
-    int8_path, precision = quantize_with_report(onnx_path, spec, data_dir)
     test = load_fashion_mnist("test", data_dir)
-    x_test = to_inputs(test.images, spec.input)
+    x_test = to_inputs(test.images, spec.input)  # N x C x H x W, as the service prepares them
+    int8_path, precision = quantize_with_report(
+        onnx_path, spec, data_dir, test_set=(x_test, test.labels)
+    )
 
     with torch.no_grad():
         predicted = np.concatenate(
