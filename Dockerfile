@@ -7,10 +7,10 @@
 #   docker build --target gpu -t convserve:gpu .                  # CUDA / TensorRT providers
 #   docker run --read-only --tmpfs /tmp -p 3000:3000 convserve
 #
-# Stages: source; base (python) -> model-train | model-dir -> model; deps (serving venv) -> runtime.
+# Stages: source; base (python) -> model (trained, or copied from MODEL_DIR); deps (serving venv)
+# -> runtime.
 ARG BASE_IMAGE=debian:bookworm-slim
 ARG CUDA_BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
-ARG MODEL_SOURCE=train
 
 # The sources every Python stage installs from, copied from the context once.
 FROM scratch AS source
@@ -28,27 +28,38 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 # --- the served model ---------------------------------------------------------------------
-FROM base AS model-train
+# One stage, the source chosen inside RUN: `FROM model-${MODEL_SOURCE}` is not resolved alike
+# by every builder (buildah takes it for an image name), a shell `if` is.
+FROM base AS model
+ARG MODEL_SOURCE=train
+# dir: a directory of exported models as the model store keeps them, <name>/<version>/...
+ARG MODEL_DIR=convserve
+# train: where pip finds the CPU build of torch (empty: pip's own configuration), and extra
+# `convserve train` arguments (a quick smoke build: --epochs 2 --train-limit 6000).
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-RUN apt-get update \
- && apt-get install -y --no-install-recommends dataset-fashion-mnist \
- && rm -rf /var/lib/apt/lists/*
-WORKDIR /src
-COPY --from=source /src ./
-RUN python3 -m venv /opt/train \
- && /opt/train/bin/pip install --extra-index-url "${TORCH_INDEX}" -c constraints.txt "torch==2.13.0" \
- && /opt/train/bin/pip install -c constraints.txt ".[train]"
+ARG TRAIN_ARGS=""
 ENV BENTOML_HOME=/opt/convserve/bentoml BENTOML_DO_NOT_TRACK=true
-RUN /opt/train/bin/convserve train lenet5 --out /tmp/run \
- && /opt/train/bin/convserve export /tmp/run/best.pt --output /tmp/run/model.onnx
-
-FROM base AS model-dir
-# A directory of exported models as the model store keeps them: <name>/<version>/...
-ARG MODEL_DIR=build/store
-COPY ${MODEL_DIR} /opt/convserve/bentoml/models
-
-# hadolint ignore=DL3006
-FROM model-${MODEL_SOURCE} AS model
+COPY ${MODEL_DIR} /tmp/model-dir
+COPY --from=source /src /src
+WORKDIR /src
+# hadolint ignore=SC2086
+RUN set -eu; mkdir -p "$BENTOML_HOME/models"; \
+    case "$MODEL_SOURCE" in \
+    dir) cp -r /tmp/model-dir/. "$BENTOML_HOME/models/" ;; \
+    train) \
+      apt-get update; \
+      apt-get install -y --no-install-recommends dataset-fashion-mnist; \
+      rm -rf /var/lib/apt/lists/*; \
+      python3 -m venv /opt/train; \
+      /opt/train/bin/pip install ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} \
+        -c constraints.txt "torch==2.13.0"; \
+      /opt/train/bin/pip install -c constraints.txt ".[train]"; \
+      /opt/train/bin/convserve train lenet5 --out /tmp/run $TRAIN_ARGS; \
+      /opt/train/bin/convserve export /tmp/run/best.pt --output /tmp/run/model.onnx ;; \
+    *) echo "MODEL_SOURCE must be train or dir, not $MODEL_SOURCE" >&2; exit 1 ;; \
+    esac; \
+    rm -rf /tmp/model-dir; \
+    ls "$BENTOML_HOME/models/fashion-lenet5" >/dev/null
 
 # --- serving dependencies, no torch, no compilers in the final image ------------------------
 FROM base AS deps
@@ -101,7 +112,7 @@ USER 10001
 EXPOSE 3000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=2)"]
-CMD ["bentoml", "serve", "service.service:Classifier", "--host", "0.0.0.0", "--port", "3000"]
+CMD ["bentoml", "serve", "convserve.service.app:Classifier", "--host", "0.0.0.0", "--port", "3000"]
 
 # --- runtime (the default target: last) ------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS runtime
@@ -129,4 +140,4 @@ USER 10001
 EXPOSE 3000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
   CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=2)"]
-CMD ["bentoml", "serve", "service.service:Classifier", "--host", "0.0.0.0", "--port", "3000"]
+CMD ["bentoml", "serve", "convserve.service.app:Classifier", "--host", "0.0.0.0", "--port", "3000"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from models.spec import ONNX_METADATA_KEY, ModelSpec
-from models.train import load_checkpoint
+from convserve.models.checkpoint import load_checkpoint
+from convserve.spec import ONNX_METADATA_KEY, ModelSpec
 
 log = logging.getLogger(__name__)
 

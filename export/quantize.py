@@ -7,9 +7,9 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -19,9 +19,11 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from models.data import load_fashion_mnist
-from models.spec import ModelSpec
-from service.imaging import to_inputs
+from convserve.export.verify import labelled_test_set
+from convserve.models.data import load_split
+from convserve.preprocess import from_pixels
+from convserve.runtime import SessionConfig, make_session
+from convserve.spec import ModelSpec
 
 
 class _Batches(CalibrationDataReader):
@@ -46,11 +48,7 @@ def quantize_int8(
         prepared = Path(tmp) / "prepared.onnx"
         # Shape inference and graph folding first, as ONNX Runtime recommends before QDQ.
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        input_name = (
-            ort.InferenceSession(str(prepared), providers=["CPUExecutionProvider"])
-            .get_inputs()[0]
-            .name
-        )
+        input_name = make_session(prepared).get_inputs()[0].name
         quantize_static(
             str(prepared),
             str(out_path),
@@ -89,14 +87,7 @@ class PrecisionReport:
         }
 
 
-def _session(path: str | Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _accuracy(session: ort.InferenceSession, x: np.ndarray, y: np.ndarray) -> float:
+def _accuracy(session: Any, x: np.ndarray, y: np.ndarray) -> float:
     name = session.get_inputs()[0].name
     predicted = np.concatenate(
         [session.run(None, {name: x[i : i + 500]})[0].argmax(1) for i in range(0, len(x), 500)]
@@ -104,9 +95,7 @@ def _accuracy(session: ort.InferenceSession, x: np.ndarray, y: np.ndarray) -> fl
     return float((predicted == y).mean())
 
 
-def _ms_per_batch(
-    sessions: list[ort.InferenceSession], batch: np.ndarray, repeats: int
-) -> list[float]:
+def _ms_per_batch(sessions: list[Any], batch: np.ndarray, repeats: int) -> list[float]:
     """Median milliseconds per run of each session, the sessions taking turns run by run so
     that a slow spell of the machine hits both alike and the ratio stays fair."""
     feeds = [{s.get_inputs()[0].name: batch} for s in sessions]
@@ -134,7 +123,8 @@ def compare_precisions(
 ) -> PrecisionReport:
     """Accuracy on (x_test, y_test) and median latency of one batch, measured alternately in
     one process with the same threads, so the ratio is fair."""
-    fp32, int8 = _session(fp32_path, threads), _session(int8_path, threads)
+    config = SessionConfig(intra_op_threads=threads)
+    fp32, int8 = make_session(fp32_path, config), make_session(int8_path, config)
     fp32_ms, int8_ms = _ms_per_batch([fp32, int8], x_test[:batch_size], repeats)
     return PrecisionReport(
         fp32_accuracy=_accuracy(fp32, x_test, y_test),
@@ -154,16 +144,16 @@ def quantize_with_report(
     test_set: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[Path, PrecisionReport]:
     """INT8 beside the FP32 file (`model.int8.onnx`), calibrated on the first `calibration`
-    Fashion-MNIST training images, and compared with FP32 on the whole test set. `test_set`:
-    (inputs, labels) already preprocessed for `spec`, for a caller that has them anyway."""
+    training images of the spec's dataset, and compared with FP32 on its whole test set.
+    `test_set`: (inputs, labels) already preprocessed for `spec`, for a caller that has them."""
     fp32_path = Path(fp32_path)
-    train = load_fashion_mnist("train", data_dir)
+    shape = {"channels": spec.input.channels, "size": spec.input.height}
+    train = load_split(spec.dataset, "train", **shape, data_dir=data_dir)
     if test_set is None:
-        test = load_fashion_mnist("test", data_dir)
-        test_set = (to_inputs(test.images, spec.input), test.labels)
+        test_set = labelled_test_set(spec, data_dir=data_dir)
     int8_path = quantize_int8(
         fp32_path,
         fp32_path.with_suffix(".int8.onnx"),
-        to_inputs(train.images[:calibration], spec.input),
+        from_pixels(train.images[:calibration], spec.input),
     )
     return int8_path, compare_precisions(fp32_path, int8_path, *test_set)

@@ -11,11 +11,10 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from export.onnx_export import ExportConfig, export_onnx
-from export.quantize import quantize_with_report
-from models.data import load_fashion_mnist
-from models.train import load_checkpoint
-from service.imaging import to_inputs
+from convserve.export.onnx_export import ExportConfig, export_onnx
+from convserve.export.quantize import quantize_with_report
+from convserve.export.verify import labelled_test_set
+from convserve.models.checkpoint import load_checkpoint
 
 
 def write_report(
@@ -35,10 +34,9 @@ def write_report(
 
     onnx_path = out / "model.onnx"
     export_onnx(ExportConfig(str(run / "best.pt"), str(onnx_path)))
-    test = load_fashion_mnist("test", data_dir)
-    x_test = to_inputs(test.images, spec.input)  # N x C x H x W, as the service prepares them
+    x_test, y_test = labelled_test_set(spec, data_dir=data_dir)  # N x C x H x W, as served
     int8_path, precision = quantize_with_report(
-        onnx_path, spec, data_dir, test_set=(x_test, test.labels)
+        onnx_path, spec, data_dir, test_set=(x_test, y_test)
     )
 
     with torch.no_grad():
@@ -47,8 +45,7 @@ def write_report(
              for i in range(0, len(x_test), 500)]
         )  # fmt: skip
     per_class = [
-        (label, float((predicted[test.labels == c] == c).mean()))
-        for c, label in enumerate(spec.labels)
+        (label, float((predicted[y_test == c] == c).mean())) for c, label in enumerate(spec.labels)
     ]
     for png in ("curves.png", "confusion.png"):
         if (run / png).exists() and out != run:
@@ -56,7 +53,7 @@ def write_report(
 
     best = metrics["best_test_accuracy"]
     lines = [
-        f"# {spec.architecture} on Fashion-MNIST",
+        f"# {spec.architecture} on {spec.dataset}",
         "",
         f"Best test accuracy **{100 * best:.2f} %** (epoch {metrics['best_epoch']} of "
         f"{len(metrics['history'])}), trained in {metrics['train_time_s']:.0f} s.",

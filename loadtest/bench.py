@@ -1,8 +1,8 @@
 """Benchmark harness: convserve against the in-process limit and against its peers, side by
 side in one run, with the same model, preprocessing and load.
 
-    python -m loadtest.bench                      # the full run behind docs/benchmarks.md
-    python -m loadtest.bench --quick --out build/bench-quick   # < 2 minutes, a smoke test
+    python -m convserve.loadtest.bench                      # the full run behind docs/benchmarks.md
+    python -m convserve.loadtest.bench --quick --out build/bench-quick   # < 2 minutes, a smoke test
 
 For each scenario it starts the server itself (pinned to its own cores where the machine has
 several), waits for readiness, runs headless Locust (--csv, --html) for a bounded time,
@@ -33,6 +33,8 @@ import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+PEERS = "convserve.loadtest.peers"
 PY = sys.executable
 
 
@@ -97,14 +99,14 @@ def servers(threads: int) -> dict[str, Server]:
     return {
         "convserve": Server(
             "convserve",
-            [*bentoml, "service.service:Classifier", "--port", "{port}"],
+            [*bentoml, "convserve.service.app:Classifier", "--port", "{port}"],
             "/readyz",
             conv_env,
             "defaults: adaptive batching by images (max 128, 2 s budget), warm-up, no access log",
         ),
         "convserve-nobatch": Server(
             "convserve-nobatch",
-            [*bentoml, "service.service:Classifier", "--port", "{port}"],
+            [*bentoml, "convserve.service.app:Classifier", "--port", "{port}"],
             "/readyz",
             {**conv_env, "CONVSERVE_MAX_BATCH_SIZE": "1"},
             "adaptive batching off (max batch 1)",
@@ -115,7 +117,7 @@ def servers(threads: int) -> dict[str, Server]:
                 PY,
                 "-m",
                 "uvicorn",
-                "loadtest.peers.fastapi_torch:app",
+                f"{PEERS}.fastapi_torch:app",
                 "--port",
                 "{port}",
                 "--workers",
@@ -130,7 +132,7 @@ def servers(threads: int) -> dict[str, Server]:
         ),
         "bentoml-torch": Server(
             "bentoml-torch",
-            [*bentoml, "loadtest.peers.bentoml_torch:TorchClassifier", "--port", "{port}"],
+            [*bentoml, f"{PEERS}.bentoml_torch:TorchClassifier", "--port", "{port}"],
             "/readyz",
             peer_env,
             "batchable API (max batch 128, max latency 2 s), 1 worker, threads = cores, "
@@ -138,7 +140,7 @@ def servers(threads: int) -> dict[str, Server]:
         ),
         "litserve-ort": Server(
             "litserve-ort",
-            [PY, "-m", "loadtest.peers.litserve_ort", "--port", "{port}"],
+            [PY, "-m", f"{PEERS}.litserve_ort", "--port", "{port}"],
             "/health",
             peer_env,
             "LitAPI with batching (max batch 64, 5 ms timeout), 1 worker, ORT threads = cores, "
@@ -270,7 +272,7 @@ def _locust(
         "-m",
         "locust",
         "-f",
-        "loadtest/locustfile.py",
+        str(LOCUSTFILE),
         "--headless",
         "--host",
         url,
@@ -299,7 +301,7 @@ def _locust(
 
 def _prepare_models(args: argparse.Namespace, work: Path, scenarios: list[Scenario]) -> dict:
     """Model files per scenario model: a BENTOML_HOME store plus the ONNX/spec/checkpoint."""
-    from export.store import load_model, save_model
+    from convserve.store import load_model, save_model
 
     home = work / "bentoml"
     os.environ["BENTOML_HOME"] = str(home)
@@ -316,11 +318,11 @@ def _prepare_models(args: argparse.Namespace, work: Path, scenarios: list[Scenar
     if any(s.model.startswith("resnet20") for s in scenarios):
         import torch
 
-        from export.onnx_export import ExportConfig, export_onnx
-        from export.quantize import quantize_int8
-        from export.verify import known_inputs
-        from models import create_model
-        from models.spec import ModelSpec
+        from convserve.export.onnx_export import ExportConfig, export_onnx
+        from convserve.export.quantize import quantize_int8
+        from convserve.export.verify import known_inputs
+        from convserve.models import create_model
+        from convserve.spec import ModelSpec
 
         ckpt = Path(args.resnet_checkpoint) if args.resnet_checkpoint else None
         if ckpt is None:  # throughput does not depend on the weights' values
@@ -374,7 +376,7 @@ def run(args: argparse.Namespace) -> Path:
                     *server_prefix,
                     PY,
                     "-m",
-                    "loadtest.inprocess",
+                    "convserve.loadtest.inprocess",
                     "--onnx",
                     files["onnx"],
                     "--spec",
@@ -448,11 +450,21 @@ def _write(out, results, limits, table, scenarios, seconds, server_prefix, load_
         writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
         writer.writeheader()
         writer.writerows(asdict(r) for r in results)
-    from loadtest.report import plot, summary
+    from convserve.loadtest.report import plot, summary
 
     plot(results, out)
     (out / "summary.md").write_text(
-        summary(results, limits, table, scenarios, seconds, server_prefix, load_prefix, args.quick)
+        summary(
+            results,
+            limits,
+            table,
+            scenarios,
+            seconds,
+            server_prefix,
+            load_prefix,
+            args.quick,
+            _machine(),
+        )
     )
 
 

@@ -1,7 +1,8 @@
 """The hardware limit: in-process ONNX Runtime throughput and latency for one model file, with
 the threads the server gets (run it pinned to the server's cores).
 
-    taskset -c 0 python -m loadtest.inprocess --onnx model.onnx --spec spec.json --threads 1
+    taskset -c 0 python -m convserve.loadtest.inprocess --onnx model.onnx --spec spec.json \
+        --threads 1
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from models.data import load_fashion_mnist
-from models.spec import ModelSpec
-from service.imaging import preprocess
+from convserve.models.data import load_fashion_mnist
+from convserve.preprocess import from_bytes
+from convserve.spec import ModelSpec
 
 
 def measure(onnx: str, spec: ModelSpec, threads: int, batch_sizes: list[int], seconds: float):
@@ -34,7 +35,7 @@ def measure(onnx: str, spec: ModelSpec, threads: int, batch_sizes: list[int], se
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, "PNG")
         pngs.append(buf.getvalue())
-    x = np.stack([preprocess(p, spec.input) for p in pngs])
+    x = np.stack([from_bytes(p, spec.input) for p in pngs])
     results = []
     for batch in batch_sizes:
         xb = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))
@@ -56,7 +57,7 @@ def measure(onnx: str, spec: ModelSpec, threads: int, batch_sizes: list[int], se
     i = 0
     while time.perf_counter() < deadline or len(times) < 10:
         t0 = time.perf_counter()
-        xb = preprocess(pngs[i % len(pngs)], spec.input)[None]
+        xb = from_bytes(pngs[i % len(pngs)], spec.input)[None]
         session.run(None, {name: xb})
         times.append(time.perf_counter() - t0)
         i += 1

@@ -24,7 +24,7 @@ for config in "${configs[@]}"; do
   read -r name batch latency warmup <<<"$config"
   CONVSERVE_MAX_BATCH_SIZE=$batch CONVSERVE_MAX_LATENCY_MS=$latency \
     CONVSERVE_WARMUP_REQUESTS=$warmup setsid .venv/bin/bentoml serve \
-    service.service:Classifier --port "$port" >"$out/$name.server.log" 2>&1 &
+    convserve.service.app:Classifier --port "$port" >"$out/$name.server.log" 2>&1 &
   pid=$!
   until curl -sf -o /dev/null "http://127.0.0.1:$port/readyz"; do
     kill -0 "$pid" 2>/dev/null || { cat "$out/$name.server.log"; exit 1; }

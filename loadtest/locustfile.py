@@ -31,8 +31,8 @@ import numpy as np
 from locust import FastHttpUser, constant, constant_throughput, events, task
 from PIL import Image
 
-from models.data import load_fashion_mnist
-from models.spec import FASHION_MNIST_LABELS, FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from convserve.models.data import load_fashion_mnist
+from convserve.spec import FASHION_MNIST_LABELS, FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 PAYLOADS = 256
 MULTI = 32

@@ -129,10 +129,10 @@ def goals(results: list, limits: dict) -> list[str]:
     return lines
 
 
-def summary(results, limits, table, scenarios, seconds, server_prefix, load_prefix, quick) -> str:  # noqa: ANN001, PLR0913
-    from loadtest.bench import _machine
-
-    m = _machine()
+def summary(
+    results, limits, table, scenarios, seconds, server_prefix, load_prefix, quick, m
+) -> str:  # noqa: ANN001, PLR0913
+    """`m`: the machine the run was on (cpu, cores, memory_gb, python, onnxruntime)."""
     lines = [
         "# Benchmark run" + (" (quick mode: a smoke test, not a measurement)" if quick else ""),
         "",

@@ -17,11 +17,11 @@ Builder = Callable[..., "nn.Module"]
 
 # One module per architecture family; each registers its builders when imported.
 _FAMILY_MODULES: tuple[str, ...] = (
-    "models.lenet",
-    "models.alexnet",
-    "models.vgg",
-    "models.resnet",
-    "models.inception",
+    "convserve.models.lenet",
+    "convserve.models.alexnet",
+    "convserve.models.vgg",
+    "convserve.models.resnet",
+    "convserve.models.inception",
 )
 
 _REGISTRY: dict[str, Builder] = {}

@@ -6,11 +6,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models._registry import register_model
-from models.layers import is_small
+from convserve.models._registry import register_model
+from convserve.models.layers import is_small
 
 
 class AlexNet(nn.Module):
+    classifier_name = "classifier.6"  # the last Linear of the classifier Sequential
+
     def __init__(
         self,
         *,

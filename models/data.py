@@ -1,8 +1,9 @@
-"""Fashion-MNIST from the four standard IDX `.gz` files.
+"""Datasets by the name a model spec carries: Fashion-MNIST (the four standard IDX `.gz`
+files), scikit-learn's digits, or a folder per class.
 
-Torch-free (numpy only) so export verification and tests can read real images without torch.
-The IDX reader is a dozen lines of numpy: no maintained package reads these files without also
-downloading them.
+Torch-free (numpy, Pillow) so export verification, INT8 calibration and the load tests read real
+images without torch. The IDX reader is a dozen lines of numpy: no maintained package reads
+these files without also downloading them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,15 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+from convserve.spec import (
+    DIGITS,
+    FASHION_MNIST,
+    FASHION_MNIST_LABELS,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    InputSpec,
+)
 
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 DATA_DIR_ENV = "CONVSERVE_DATA_DIR"
@@ -136,3 +146,37 @@ def load_digits(split: Split, *, size: int = 28, test_fraction: float = 0.25) ->
     return LabelledImages(
         resized[..., None], digits.target[idx].astype(np.int64), tuple(str(d) for d in range(10))
     )
+
+
+def load_split(
+    dataset: str,
+    split: Split,
+    *,
+    channels: int = 1,
+    size: int = 28,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> LabelledImages:
+    """One split of `dataset` (a spec's `dataset`: 'fashion-mnist', 'digits' or a folder root)
+    as uint8 N x H x W x C images with its class names. Digits and folders are resized to `size`
+    and converted to `channels` as they load; Fashion-MNIST comes as it is, 28 x 28 grey
+    (`convserve.preprocess.from_pixels` adapts it to any spec, as it would an upload)."""
+    if dataset == FASHION_MNIST:
+        images = load_fashion_mnist(split, data_dir)
+        return LabelledImages(images.images[..., None], images.labels, FASHION_MNIST_LABELS)
+    if dataset == DIGITS:
+        return load_digits(split, size=size)
+    return load_image_folder(dataset, split, channels=channels, size=size)
+
+
+def input_spec_for(dataset: str, train: LabelledImages, channels: int, size: int) -> InputSpec:
+    """The normalization a model trained on `train` uses: Fashion-MNIST's published statistics,
+    else the training pixels' per-channel mean and std (grey statistics repeated for RGB)."""
+    if dataset == FASHION_MNIST:
+        mean, std = FASHION_MNIST_MEAN * channels, FASHION_MNIST_STD * channels
+    else:
+        pixels = train.images.astype(np.float64) / 255.0
+        per_channel = pixels.reshape(-1, pixels.shape[-1])
+        repeat = channels // pixels.shape[-1]
+        mean = tuple(float(m) for m in per_channel.mean(0)) * repeat
+        std = tuple(float(s) for s in per_channel.std(0)) * repeat
+    return InputSpec(channels=channels, height=size, width=size, mean=mean, std=std)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models._registry import register_model
-from models.layers import conv_bn_relu, is_small
+from convserve.models._registry import register_model
+from convserve.models.layers import conv_bn_relu, is_small
 
 # (1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj) per module, the paper's Table 1.
 MODULES: dict[str, tuple[int, int, int, int, int, int]] = {
@@ -44,6 +44,8 @@ class Inception(nn.Module):
 class GoogLeNet(nn.Module):
     """Deviations: batch norm after every convolution in place of local response
     normalization (as torchvision); CIFAR-style stem for inputs under 64 px."""
+
+    classifier_name = "fc"
 
     def __init__(
         self,

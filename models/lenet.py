@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models._registry import register_model
+from convserve.models._registry import register_model
 
 
 def _conv_out(size: int, kernel: int) -> int:
@@ -21,6 +21,9 @@ def _conv_out(size: int, kernel: int) -> int:
 
 
 class LeNet5(nn.Module):
+    # The layer transfer learning re-initializes for new classes (timm's `classifier`).
+    classifier_name = "head"
+
     def __init__(
         self,
         *,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models._registry import register_model
-from models.layers import conv1x1, conv3x3, is_small
+from convserve.models._registry import register_model
+from convserve.models.layers import conv1x1, conv3x3, is_small
 
 
 class BasicBlock(nn.Module):
@@ -61,6 +61,8 @@ def _shortcut(in_ch: int, out_ch: int, stride: int) -> nn.Module:
 
 
 class ResNet(nn.Module):
+    classifier_name = "fc"
+
     def __init__(
         self,
         block: type[BasicBlock] | type[Bottleneck],

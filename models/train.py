@@ -1,10 +1,15 @@
-"""One readable training loop: data -> (schedule, forward/backward, step) -> eval -> checkpoint."""
+"""One readable training loop: data -> (schedule, forward/backward, step) -> eval -> checkpoint.
+
+`TrainConfig` holds every default; `convserve train` derives its options from its fields.
+"""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,124 +21,99 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models import create_model
-from models.data import load_digits, load_fashion_mnist, load_image_folder
-from models.plots import plot_confusion, plot_curves
-from models.spec import (
-    FASHION_MNIST_LABELS,
-    FASHION_MNIST_MEAN,
-    FASHION_MNIST_STD,
-    InputSpec,
-    ModelSpec,
+from convserve.models import create_model
+from convserve.models.augment import augment_batch, random_erase
+from convserve.models.checkpoint import (
+    BEST_NAME,
+    LAST_NAME,
+    load_state,
+    load_transfer,
+    save_best,
+    save_state,
 )
+from convserve.models.data import input_spec_for, load_split
+from convserve.models.plots import plot_confusion, plot_curves
+from convserve.preprocess import from_pixels
+from convserve.spec import FASHION_MNIST, InputSpec, ModelSpec
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "best.pt"
-LAST_NAME = "last.pt"  # everything needed to resume, rewritten every epoch
+CHECKPOINT_NAME = BEST_NAME
+
+
+def _opt(help: str, **cli: Any) -> dict[str, Any]:
+    """A field's command-line help (and flag name, where it differs from the field's)."""
+    return {"help": help, **cli}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = "lenet5"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    dataset: str = "fashion-mnist"  # or "digits" (scikit-learn's), or a folder-per-class root
-    epochs: int = 12
-    batch_size: int = 128
-    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: momentum 0.9, Nesterov
-    lr: float = 2e-3  # peak rate of the schedule
-    weight_decay: float = 1e-4
-    schedule: Literal["onecycle", "cosine"] = "onecycle"  # onecycle: 15 % warm-up, cosine down
-    label_smoothing: float = 0.0
-    seed: int = 0
-    data_dir: str | None = None
-    out_dir: str = "runs/lenet5"
-    augment: bool = True  # random crop with padding (a shift of up to 2 px)
-    hflip: bool = True  # horizontal flip; off for data where it changes the class (digits)
-    random_erasing: float = 0.0  # probability of erasing a random rectangle of an image
-    train_limit: int | None = None  # first N training images only (quick runs, tests)
-    test_limit: int | None = None
-    threads: int | None = None  # torch intra-op threads; None keeps torch's default (all cores)
-    amp: bool = True  # mixed precision, on a CUDA device only
+    model: str = field(default="lenet5", metadata=_opt("a registered model", positional=True))
+    model_kwargs: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_opt("builder argument KEY=VALUE, JSON value (e.g. filters=[8,16])", flag="arg"),
+    )
+    dataset: str = field(
+        default=FASHION_MNIST,
+        metadata=_opt(
+            "fashion-mnist, digits (scikit-learn's), or a folder-per-class root "
+            "(ROOT/train/CLASS/*.png, ROOT/test/CLASS/*.png)"
+        ),
+    )
+    epochs: int = field(default=40, metadata=_opt("epochs of the schedule"))
+    batch_size: int = field(default=128, metadata=_opt("images per step"))
+    optimizer: Literal["adamw", "sgd"] = field(
+        default="adamw", metadata=_opt("sgd: momentum 0.9, Nesterov")
+    )
+    lr: float = field(default=2e-3, metadata=_opt("peak learning rate of the schedule"))
+    weight_decay: float = field(default=1e-4, metadata=_opt("decoupled (adamw) or L2 (sgd)"))
+    schedule: Literal["onecycle", "cosine"] = field(
+        default="onecycle", metadata=_opt("onecycle: 15 %% warm-up, then cosine down")
+    )
+    label_smoothing: float = field(default=0.0, metadata=_opt("cross-entropy label smoothing"))
+    seed: int = field(default=0, metadata=_opt("weights, shuffling and augmentation draws"))
+    data_dir: str | None = field(
+        default=None, metadata=_opt("directory with the four Fashion-MNIST IDX .gz files")
+    )
+    out_dir: str = field(
+        default="runs/lenet5", metadata=_opt("run directory (default runs/MODEL)", flag="out")
+    )
+    augment: bool = field(default=True, metadata=_opt("random crop with padding (2 px shift)"))
+    hflip: bool = field(
+        default=True, metadata=_opt("horizontal flips (off where they change the class)")
+    )
+    random_erasing: float = field(
+        default=0.0, metadata=_opt("probability of erasing a random rectangle", metavar="P")
+    )
+    train_limit: int | None = field(
+        default=None, metadata=_opt("use only the first N training images")
+    )
+    test_limit: int | None = field(default=None, metadata=_opt("use only the first N test images"))
+    threads: int | None = field(default=None, metadata=_opt("torch threads (default: all cores)"))
+    amp: bool = field(default=True, metadata=_opt("mixed precision on a GPU"))
     # NHWC activations: oneDNN's convolutions run 1.1-1.9x faster on CPU for these networks
     # (ResNet-20 1.1x, VGG 1.5x, Inception 1.9x, measured); the weights saved are the same.
-    channels_last: bool = True
-    resume: str | None = None  # a run's last.pt: continue where it stopped
-    stop_after: int | None = None  # end this invocation after that epoch (time-boxed jobs)
-    init_from: str | None = None  # transfer learning: weights whose shapes fit, new head
-    freeze_backbone: bool = False  # with init_from: train only what was not loaded
-    progress: bool = True
+    channels_last: bool = field(default=True, metadata=_opt("NHWC activations (else NCHW)"))
+    resume: str | None = field(
+        default=None, metadata=_opt("continue a run from its last.pt", metavar="LAST_PT")
+    )
+    stop_after: int | None = field(
+        default=None, metadata=_opt("end this invocation after that epoch", metavar="EPOCH")
+    )
+    init_from: str | None = field(
+        default=None,
+        metadata=_opt("transfer learning: weights that fit, a new classifier", metavar="CKPT"),
+    )
+    freeze_backbone: bool = field(
+        default=False, metadata=_opt("with --init-from: train the classifier only")
+    )
+    progress: bool = field(default=True, metadata=_opt("a progress bar on a terminal"))
 
 
 @dataclass(frozen=True)
 class TrainResult:
     checkpoint: Path
     metrics: dict[str, Any]
-
-
-def augment_batch(
-    x: torch.Tensor, generator: torch.Generator, *, fill: float, pad: int = 2, flip: bool = True
-) -> torch.Tensor:
-    """Random crop with zero padding (a shift of up to `pad` px) and horizontal flip, per image.
-
-    `fill` is black after normalization, the background of the images.
-    Done on the whole batch tensor: a per-image loop in Python would dominate a LeNet step.
-    """
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), value=fill)  # N x C x (H+2p) x (W+2p)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]  # N x 1 x H x 1
-    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]  # N x 1 x 1 x W
-    batch = torch.arange(n)[:, None, None, None]
-    channel = torch.arange(x.shape[1])[None, :, None, None]
-    out = padded[batch, channel, rows, cols]  # N x C x H x W
-    flips = torch.rand(n, generator=generator) < 0.5  # drawn either way: same stream
-    if flip:
-        out[flips] = out[flips].flip(-1)
-    return out
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    device: torch.device | None = None,
-    batch_size: int = 1000,
-) -> tuple[float, float, np.ndarray]:
-    """Mean loss, accuracy and the confusion matrix (rows: true class) over (x, y)."""
-    model.eval()
-    n_classes = int(y.max()) + 1
-    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
-    total_loss = 0.0
-    for i in range(0, len(x), batch_size):
-        logits = model(x[i : i + batch_size].to(device or "cpu")).float().cpu()
-        target = y[i : i + batch_size]
-        total_loss += F.cross_entropy(logits, target, reduction="sum").item()
-        np.add.at(confusion, (target.numpy(), logits.argmax(1).numpy()), 1)
-    return total_loss / len(x), float(np.trace(confusion) / len(x)), confusion
-
-
-def random_erase(
-    x: torch.Tensor, generator: torch.Generator, *, p: float, fill: float
-) -> torch.Tensor:
-    """Random erasing (Zhong et al., 2020): with probability p per image, a rectangle of 2-20 %
-    of the area and aspect ratio 0.3-3.3 is set to `fill`. Vectorized over the batch."""
-    n, _, h, w = x.shape
-    area = torch.empty(n).uniform_(0.02, 0.2, generator=generator) * h * w
-    log_ratio = torch.empty(n).uniform_(np.log(0.3), np.log(1 / 0.3), generator=generator)
-    eh = (area * log_ratio.exp()).sqrt().round().clamp(1, h).long()
-    ew = (area / log_ratio.exp()).sqrt().round().clamp(1, w).long()
-    top = (torch.rand(n, generator=generator) * (h - eh + 1)).long()
-    left = (torch.rand(n, generator=generator) * (w - ew + 1)).long()
-    rows = torch.arange(h)[None, :]
-    cols = torch.arange(w)[None, :]
-    inside = ((rows >= top[:, None]) & (rows < (top + eh)[:, None]))[:, :, None] & (
-        (cols >= left[:, None]) & (cols < (left + ew)[:, None])
-    )[:, None, :]  # N x H x W
-    erase = (torch.rand(n, generator=generator) < p)[:, None, None] & inside
-    return x.masked_fill(erase[:, None], fill)
 
 
 @dataclass(frozen=True)
@@ -146,51 +126,23 @@ class Prepared:
     labels: tuple[str, ...]
 
 
-def _normalized(images: np.ndarray, spec: InputSpec) -> torch.Tensor:
-    """uint8 N x H x W (x C) -> float32 N x C x H x W, normalized as the service does."""
-    x = torch.from_numpy(np.ascontiguousarray(images).copy()).float().div_(255.0)
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
-    if x.shape[1] != spec.channels:  # grey data for a 3-channel model: replicate, as PIL does
-        x = x.expand(-1, spec.channels, -1, -1)
-    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std).view(1, -1, 1, 1)
-    return ((x - mean) / std).contiguous()
-
-
 def prepare_data(config: TrainConfig, model_kwargs: dict[str, Any]) -> Prepared:
+    """Both splits through the serving preprocessing (`convserve.preprocess.from_pixels`)."""
     channels, size = model_kwargs["in_channels"], model_kwargs["input_size"]
-    if config.dataset == "fashion-mnist":
-        if size != 28:
-            raise ValueError("Fashion-MNIST is 28 x 28: input_size must be 28")
-        train_set = load_fashion_mnist("train", config.data_dir)
-        test_set = load_fashion_mnist("test", config.data_dir)
-        train_images, train_labels = train_set.images, train_set.labels
-        test_images, test_labels = test_set.images, test_set.labels
-        labels = FASHION_MNIST_LABELS
-        mean, std = FASHION_MNIST_MEAN * channels, FASHION_MNIST_STD * channels
-    else:
-        if config.dataset == "digits":
-            train = load_digits("train", size=size)
-            test = load_digits("test", size=size)
-        else:
-            train = load_image_folder(config.dataset, "train", channels=channels, size=size)
-            test = load_image_folder(config.dataset, "test", channels=channels, size=size)
-        train_images, train_labels = train.images, train.labels
-        test_images, test_labels = test.images, test.labels
-        labels = train.classes
-        pixels = train.images.astype(np.float64) / 255.0
-        per_channel = pixels.reshape(-1, pixels.shape[-1])
-        mean = tuple(float(m) for m in per_channel.mean(0)) * (channels // pixels.shape[-1])
-        std = tuple(float(s) for s in per_channel.std(0)) * (channels // pixels.shape[-1])
-    spec = InputSpec(channels=channels, height=size, width=size, mean=mean, std=std)
-    return Prepared(
-        x_train=_normalized(train_images[: config.train_limit], spec),
-        y_train=torch.from_numpy(np.asarray(train_labels[: config.train_limit])),
-        x_test=_normalized(test_images[: config.test_limit], spec),
-        y_test=torch.from_numpy(np.asarray(test_labels[: config.test_limit])),
-        input_spec=spec,
-        labels=tuple(labels),
-    )
+    if config.dataset == FASHION_MNIST and size != 28:
+        raise ValueError("Fashion-MNIST is 28 x 28: input_size must be 28")
+    shape = {"channels": channels, "size": size}
+    train = load_split(config.dataset, "train", **shape, data_dir=config.data_dir)
+    test = load_split(config.dataset, "test", **shape, data_dir=config.data_dir)
+    spec = input_spec_for(config.dataset, train, channels, size)
+
+    def tensors(images: np.ndarray, labels: np.ndarray, limit: int | None):
+        x = torch.from_numpy(from_pixels(images[:limit], spec))
+        return x, torch.from_numpy(np.asarray(labels[:limit]))
+
+    x_train, y_train = tensors(train.images, train.labels, config.train_limit)
+    x_test, y_test = tensors(test.images, test.labels, config.test_limit)
+    return Prepared(x_train, y_train, x_test, y_test, spec, tuple(train.classes))
 
 
 @dataclass(frozen=True)
@@ -214,29 +166,124 @@ class Distributed:
         return cls(rank=torch.distributed.get_rank(), world_size=world)
 
 
-def _head_prefix(model: torch.nn.Module) -> str:
-    """The classifier layer: the last Linear of the network, in every family here."""
-    name = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
-    return name + "."
+def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            trainable, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+        )
+    return torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _load_transfer(model: torch.nn.Module, path: str, freeze: bool) -> list[str]:
-    """Copy every weight of `path` whose name and shape fit, except the classifier layer, which
-    keeps its fresh initialization (a new head for the new classes). With `freeze`, only the
-    head trains. Returns the names that were not loaded."""
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    own = model.state_dict()
-    head = _head_prefix(model)
-    fitting = {
-        k: v
-        for k, v in state.items()
-        if k in own and own[k].shape == v.shape and not k.startswith(head)
-    }
-    model.load_state_dict(fitting, strict=False)
-    if freeze:
-        for name, param in model.named_parameters():
-            param.requires_grad = name not in fitting
-    return [k for k in own if k not in fitting]
+def make_schedule(
+    config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per batch: onecycle warms up for 15 % of the steps, then anneals (cosine)."""
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.15, anneal_strategy="cos"
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device | None = None,
+    batch_size: int = 1000,
+) -> tuple[float, float, np.ndarray]:
+    """Mean loss, accuracy and the confusion matrix (rows: true class) over (x, y)."""
+    model.eval()
+    n_classes = int(y.max()) + 1
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    total_loss = 0.0
+    for i in range(0, len(x), batch_size):
+        logits = model(x[i : i + batch_size].to(device or "cpu")).float().cpu()
+        target = y[i : i + batch_size]
+        total_loss += F.cross_entropy(logits, target, reduction="sum").item()
+        np.add.at(confusion, (target.numpy(), logits.argmax(1).numpy()), 1)
+    return total_loss / len(x), float(np.trace(confusion) / len(x)), confusion
+
+
+@dataclass
+class Trainer:
+    """What one epoch needs: the model (wrapped for DDP or not), its optimizer and schedule,
+    the augmentation stream. `train_one_epoch` is the whole inner loop."""
+
+    config: TrainConfig
+    model: torch.nn.Module  # the bare model: evaluated and saved
+    trained: torch.nn.Module  # what the step runs: the model, or DDP around it
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    device: torch.device
+    layout: torch.memory_format
+    black: float  # the background after normalization: augmentation's fill value
+
+    def train_one_epoch(
+        self, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, desc: str, show: bool
+    ) -> tuple[float, float]:
+        """One pass over `order` (indices into x, y); returns mean loss and accuracy."""
+        config, use_amp = self.config, self.scaler.is_enabled()
+        self.trained.train()
+        steps = math.ceil(len(order) / config.batch_size)
+        running_loss, seen, correct = 0.0, 0, 0
+        # disable=None: a bar on a terminal only.
+        bar = tqdm(
+            range(steps), desc=desc, unit="batch", disable=None if show else True, leave=False
+        )
+        for step in bar:
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            xb, yb = x[idx], y[idx]
+            if config.augment:
+                xb = augment_batch(xb, self.generator, fill=self.black, flip=config.hflip)
+            if config.random_erasing:
+                xb = random_erase(xb, self.generator, p=config.random_erasing, fill=self.black)
+            xb = xb.to(self.device, memory_format=self.layout, non_blocking=True)
+            yb = yb.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_amp):
+                logits = self.trained(xb)
+                loss = F.cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            running_loss += loss.item() * len(xb)
+            seen += len(xb)
+            correct += int((logits.argmax(1) == yb).sum())
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{running_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+        return running_loss / seen, correct / seen
+
+    def state(self) -> dict[str, Any]:
+        """What `last.pt` holds besides the history, to continue run for run identically."""
+        return {
+            "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+
+
+def _write_history(history: list[dict[str, float]], out: Path) -> None:
+    """history.csv and curves.png, rewritten after every epoch so a long run can be watched."""
+    with open(out / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    plot_curves(history, out / "curves.png")
 
 
 def _param_digest(model: torch.nn.Module) -> str:
@@ -244,6 +291,46 @@ def _param_digest(model: torch.nn.Module) -> str:
     for tensor in model.state_dict().values():
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def _rank_digests(model: torch.nn.Module, dist: Distributed) -> list[str | None]:
+    """Every rank's weight digest (identical after DDP); ends the process group."""
+    if dist.world_size == 1:
+        return [_param_digest(model)]
+    digests: list[str | None] = [None] * dist.world_size
+    torch.distributed.all_gather_object(digests, _param_digest(model))
+    torch.distributed.destroy_process_group()
+    return digests
+
+
+def build_trainer(
+    config: TrainConfig,
+    data: Prepared,
+    model_kwargs: dict[str, Any],
+    device: torch.device,
+    dist: Distributed,
+) -> Trainer:
+    layout = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = create_model(config.model, **model_kwargs).to(device, memory_format=layout)
+    if config.init_from:
+        fresh = load_transfer(model, config.init_from, config.freeze_backbone)
+        log.info("initialized from %s; trained from scratch: %s", config.init_from, fresh)
+    optimizer = make_optimizer(config, model)
+    per_rank = math.ceil(len(data.x_train) / dist.world_size)  # the sampler pads to equal shards
+    steps_per_epoch = math.ceil(per_rank / config.batch_size)
+    return Trainer(
+        config=config,
+        model=model,
+        trained=torch.nn.parallel.DistributedDataParallel(model) if dist.world_size > 1 else model,
+        optimizer=optimizer,
+        scheduler=make_schedule(config, optimizer, config.epochs * steps_per_epoch),
+        scaler=torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda"),
+        # Augmentation draws differ per rank; the shuffle is the sampler's (seeded per epoch).
+        generator=torch.Generator().manual_seed(config.seed + dist.rank),
+        device=device,
+        layout=layout,
+        black=(0.0 - data.input_spec.mean[0]) / data.input_spec.std[0],
+    )
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -258,175 +345,91 @@ def train(config: TrainConfig) -> TrainResult:
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    # --- data ---
-    defaults = {"in_channels": 1, "input_size": 28}
-    model_kwargs = {**defaults, **config.model_kwargs}
+    # --- data, model, optimizer, schedule ---
+    model_kwargs = {"in_channels": 1, "input_size": 28, **config.model_kwargs}
     data = prepare_data(config, model_kwargs)
     model_kwargs.setdefault("num_classes", len(data.labels))
-    x_train, y_train = data.x_train, data.y_train
-
-    # --- model, optimizer, schedule ---
-    layout = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = create_model(config.model, **model_kwargs).to(device, memory_format=layout)
-    if config.init_from:
-        fresh = _load_transfer(model, config.init_from, config.freeze_backbone)
-        log.info("initialized from %s; trained from scratch: %s", config.init_from, fresh)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(
-            trainable, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
-        )
-    else:
-        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    trainer = build_trainer(config, data, model_kwargs, device, dist)
     # Each rank takes its shard of every epoch (padded to equal size, so steps stay in step).
     sampler = torch.utils.data.DistributedSampler(
-        range(len(x_train)), num_replicas=dist.world_size, rank=dist.rank, seed=config.seed
+        range(len(data.x_train)), num_replicas=dist.world_size, rank=dist.rank, seed=config.seed
     )
-    steps_per_epoch = -(-len(sampler) // config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    if config.schedule == "cosine":
-        scheduler: torch.optim.lr_scheduler.LRScheduler = (
-            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-        )
-    else:
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.15,
-            anneal_strategy="cos",
-        )  # fmt: skip
-    trained = torch.nn.parallel.DistributedDataParallel(model) if dist.world_size > 1 else model
-    use_amp = config.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    # Augmentation draws differ per rank; the shuffle is the sampler's (seeded per epoch).
-    generator = torch.Generator().manual_seed(config.seed + dist.rank)
-    black = (0.0 - data.input_spec.mean[0]) / data.input_spec.std[0]
 
     history: list[dict[str, float]] = []
-    best_accuracy = -1.0
-    best_confusion: np.ndarray | None = None
-    first_epoch = 1
+    best_accuracy, best_confusion, first_epoch = -1.0, None, 1
     if config.resume:
-        state = torch.load(config.resume, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        state = load_state(config.resume)
+        trainer.restore(state)
         history, best_accuracy = state["history"], state["best_accuracy"]
         best_confusion = np.asarray(state["best_confusion"])
         first_epoch = state["epoch"] + 1
         log.info("resumed from %s at epoch %d", config.resume, first_epoch)
     started = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
-    last_epoch = min(config.epochs, config.stop_after or config.epochs)
-    for epoch in range(first_epoch, last_epoch + 1):
+    for epoch in range(first_epoch, min(config.epochs, config.stop_after or config.epochs) + 1):
         # --- forward/backward, step ---
-        trained.train()
         if dist.world_size > 1:
             sampler.set_epoch(epoch)
             order = torch.tensor(list(sampler))
         else:  # one process: the training stream of earlier releases, run for run identical
-            order = torch.randperm(len(x_train), generator=generator)
-        running_loss, seen, correct = 0.0, 0, 0
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"epoch {epoch}/{config.epochs}",
-            unit="batch",
-            disable=None if config.progress and dist.is_main else True,  # None: off if no TTY
-            leave=False,
+            order = torch.randperm(len(data.x_train), generator=trainer.generator)
+        desc = f"epoch {epoch}/{config.epochs}"
+        show = config.progress and dist.is_main
+        train_loss, train_accuracy = trainer.train_one_epoch(
+            data.x_train, data.y_train, order, desc, show
         )
-        for step in bar:
-            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            xb, yb = x_train[idx], y_train[idx]
-            if config.augment:
-                xb = augment_batch(xb, generator, fill=black, flip=config.hflip)
-            if config.random_erasing:
-                xb = random_erase(xb, generator, p=config.random_erasing, fill=black)
-            xb = xb.to(device, memory_format=layout, non_blocking=True)
-            yb = yb.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                logits = trained(xb)
-                loss = F.cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            running_loss += loss.item() * len(xb)
-            seen += len(xb)
-            correct += int((logits.argmax(1) == yb).sum())
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{running_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
 
         # --- eval + checkpoint (rank 0; the others wait at the barrier) ---
         if dist.is_main:
-            test_loss, test_accuracy, confusion = evaluate(model, data.x_test, data.y_test, device)
-            record = {
-                "epoch": epoch,
-                "train_loss": running_loss / seen,
-                "train_accuracy": correct / seen,
-                "test_loss": test_loss,
-                "test_accuracy": test_accuracy,
-                "elapsed_s": time.perf_counter() - started,
-            }
-            history.append(record)
+            test_loss, test_accuracy, confusion = evaluate(
+                trainer.model, data.x_test, data.y_test, device
+            )
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "train_accuracy": train_accuracy,
+                    "test_loss": test_loss,
+                    "test_accuracy": test_accuracy,
+                    "elapsed_s": time.perf_counter() - started,
+                }
+            )
             improved = test_accuracy > best_accuracy
             if improved:
                 best_accuracy, best_confusion = test_accuracy, confusion
+                metrics = {"test_accuracy": test_accuracy, "test_loss": test_loss, "epoch": epoch}
                 spec = ModelSpec(
                     architecture=config.model,
+                    dataset=config.dataset,
                     kwargs=model_kwargs,
                     input=data.input_spec,
                     labels=data.labels,
-                    metrics={
-                        "test_accuracy": test_accuracy,
-                        "test_loss": test_loss,
-                        "epoch": epoch,
-                    },
+                    metrics=metrics,
                 )
-                torch.save(
-                    {
-                        "spec": spec.model_dump(mode="json"),
-                        "state_dict": model.state_dict(),
-                        "config": asdict(config),
-                    },
-                    out / CHECKPOINT_NAME,
-                )
-            torch.save(
+                save_best(out / BEST_NAME, trainer.model, spec, asdict(config))
+            save_state(
+                out / LAST_NAME,
                 {
-                    "state_dict": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
+                    **trainer.state(),
                     "history": history,
                     "best_accuracy": best_accuracy,
                     "best_confusion": best_confusion.tolist(),
                     "epoch": epoch,
                     "config": asdict(config),
                 },
-                out / LAST_NAME,
             )
+            _write_history(history, out)
             log.info(
                 "epoch %d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%%s  (%.0f s)",
-                epoch,
-                config.epochs,
-                record["train_loss"],
-                100 * record["train_accuracy"],
-                test_loss,
-                100 * test_accuracy,
-                "  *best*" if improved else "",
-                record["elapsed_s"],
-            )
+                epoch, config.epochs, train_loss, 100 * train_accuracy, test_loss,
+                100 * test_accuracy, "  *best*" if improved else "", history[-1]["elapsed_s"],
+            )  # fmt: skip
         if dist.world_size > 1:
             torch.distributed.barrier()
 
     # --- report ---
-    digests = [_param_digest(model)]
-    if dist.world_size > 1:
-        digests = [None] * dist.world_size
-        torch.distributed.all_gather_object(digests, _param_digest(model))
-        torch.distributed.destroy_process_group()
+    digests = _rank_digests(trainer.model, dist)
     if not dist.is_main:
-        return TrainResult(checkpoint=out / CHECKPOINT_NAME, metrics={})
+        return TrainResult(checkpoint=out / BEST_NAME, metrics={})
     metrics = {
         "model": config.model,
         "model_kwargs": model_kwargs,
@@ -434,7 +437,7 @@ def train(config: TrainConfig) -> TrainResult:
         "best_test_accuracy": best_accuracy,
         "best_epoch": max(history, key=lambda h: h["test_accuracy"])["epoch"],
         "train_time_s": time.perf_counter() - started,
-        "train_images": len(x_train),
+        "train_images": len(data.x_train),
         "test_images": len(data.x_test),
         "world_size": dist.world_size,
         "rank_weight_digests": digests,
@@ -443,21 +446,7 @@ def train(config: TrainConfig) -> TrainResult:
         "config": asdict(config),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_curves(history, out / "curves.png")
     assert best_confusion is not None
-    plot_confusion(
-        best_confusion,
-        data.labels,
-        out / "confusion.png",
-        f"{config.model}: test accuracy {100 * best_accuracy:.2f}%",
-    )
-    return TrainResult(checkpoint=out / CHECKPOINT_NAME, metrics=metrics)
-
-
-def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, ModelSpec]:
-    """Rebuild the model from the checkpoint file alone."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    spec = ModelSpec.model_validate(payload["spec"])
-    model = create_model(spec.architecture, **spec.kwargs)
-    model.load_state_dict(payload["state_dict"])
-    return model.eval(), spec
+    title = f"{config.model}: test accuracy {100 * best_accuracy:.2f}%"
+    plot_confusion(best_confusion, data.labels, out / "confusion.png", title)
+    return TrainResult(checkpoint=out / BEST_NAME, metrics=metrics)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models._registry import register_model
-from models.layers import is_small
+from convserve.models._registry import register_model
+from convserve.models.layers import is_small
 
 # Filters per 3x3 conv; "M" is a 2x2 max-pool.
 CONFIGS: dict[str, list[int | str]] = {
@@ -16,6 +16,8 @@ CONFIGS: dict[str, list[int | str]] = {
 
 
 class VGG(nn.Module):
+    classifier_name = "classifier.6"  # the last Linear of the classifier Sequential
+
     def __init__(
         self,
         config: str,

@@ -13,13 +13,13 @@ stay cheap and answer while inference is saturated.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_payload
+from convserve.errors import ConvserveError, InvalidInput, Overloaded
+from convserve.service.errors import for_path
 
 COUNTED_METHODS = {"POST", "PUT", "PATCH"}
 
@@ -35,23 +35,16 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def send_error(
-    scope: Scope,
-    send: Send,
-    status: int,
-    code: str,
-    message: str,
-    headers: dict[str, str] | None = None,
-) -> None:
-    status, payload = error_payload(scope.get("path", ""), status, code, message)
-    body = json.dumps(payload).encode()
+async def send_error(scope: Scope, send: Send, error: ConvserveError) -> None:
+    """Answer with `error` in the wire format of the protocol the path belongs to."""
+    wire = for_path(scope.get("path", ""), error)
     raw_headers = [
         (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *((k.lower().encode(), v.encode()) for k, v in (headers or {}).items()),
+        (b"content-length", str(len(wire.body)).encode()),
+        *((k.lower().encode(), v.encode()) for k, v in wire.headers.items()),
     ]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.start", "status": wire.status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": wire.body})
 
 
 class AdmissionMiddleware:
@@ -76,14 +69,8 @@ class AdmissionMiddleware:
         if self.in_flight >= limits.max_in_flight:
             if limits.on_reject:
                 limits.on_reject("busy")
-            await send_error(
-                scope,
-                send,
-                503,
-                "busy",
-                f"{self.in_flight} requests are in progress; retry shortly",
-                {"Retry-After": "1"},
-            )
+            message = f"{self.in_flight} requests are in progress; retry shortly"
+            await send_error(scope, send, Overloaded("busy", message))
             return
         self.in_flight += 1
         try:
@@ -124,13 +111,8 @@ class AdmissionMiddleware:
     async def _reject_body(scope: Scope, send: Send, limits: AdmissionLimits) -> None:
         if limits.on_reject:
             limits.on_reject("body_too_large")
-        await send_error(
-            scope,
-            send,
-            413,
-            "body_too_large",
-            f"the request body is over the limit of {limits.max_body_bytes} bytes",
-        )
+        message = f"the request body is over the limit of {limits.max_body_bytes} bytes"
+        await send_error(scope, send, InvalidInput("body_too_large", message))
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -1,142 +1,278 @@
-"""Adaptive batching of images across requests, on BentoML's own CORK dispatcher.
+"""Adaptive batching across requests, counted in images: convserve's own dynamic batcher.
 
-BentoML's batchable API batches the raw arguments of its own HTTP endpoint, so decoding would
-run inside the shared batch and one corrupt upload would fail its neighbours. Here each request
-decodes its own images first, then submits an N x C x H x W array; the dispatcher counts rows,
-so a request with 16 images takes 16 places in a batch (and is split across batches if need be).
+Per model, a FIFO of jobs (one job = one request's N x C x H x W images):
+- A batch forms as soon as the model is free, from whatever has queued, in arrival order, up
+  to `max_batch_size` images. A job larger than the room left is split; its rows finish in
+  later batches and its answer is put together in order.
+- `max_queue_delay_ms` (Triton's `max_queue_delay_microseconds`): while a batch is not full and
+  its oldest job has waited less than this, the batch is held back. 0 (the CPU default) never
+  waits: on a CPU the next batch grows while the current one runs.
+- One batch in flight per model, on the model's own inference thread (ONNX Runtime releases
+  the GIL, so the event loop keeps parsing and decoding meanwhile).
+- Jobs whose client has gone (cancelled) or whose deadline has passed never reach inference:
+  they are dropped before a batch forms, and counted.
+
+Admission, all answered at once: more than `max_queued_images` waiting or running -> 503
+`queue_full`; a predicted finish past `max_latency_ms` (from a cost model of recent batches)
+-> 503 `overloaded`; no answer within `timeout_s` -> 504 `deadline_exceeded`.
+Contract: `await submit(x)` returns `infer(batch)[rows of x]`, rows in x's order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Protocol
 
-import anyio.to_thread
 import numpy as np
-from bentoml._internal.marshal.dispatcher import CorkDispatcher
 
-from service.errors import ApiError
+from convserve.errors import DeadlineExceeded, Overloaded
 
-RETRY_AFTER = {"Retry-After": "1"}
+log = logging.getLogger("convserve.batching")
 
-
-def _overloaded() -> np.ndarray:
-    # The dispatcher calls this when a queued request can no longer meet max_latency_ms.
-    raise ApiError(503, "overloaded", "the server is overloaded; retry shortly", RETRY_AFTER)
-
-
-def _consume(task: asyncio.Future) -> None:
-    # Retrieve an abandoned task's outcome so asyncio does not log it as never retrieved.
-    if not task.cancelled():
-        task.exception()
+Infer = Callable[[np.ndarray], np.ndarray]
 
 
 class BatchObserver(Protocol):
-    def on_batch(self, images: int, queue_waits_s: Sequence[float]) -> None: ...
+    def on_batch(self, images: int, queue_waits_s: Sequence[float], seconds: float) -> None: ...
+
+    def on_dropped(self, images: int, reason: str) -> None: ...
 
 
-class _Stamped(np.ndarray):
-    """An array that remembers when it was queued; slices (split requests) keep the stamp."""
+@dataclass(eq=False)
+class _Job:
+    x: np.ndarray  # N x C x H x W
+    future: asyncio.Future
+    enqueued: float
+    taken: int = 0  # rows handed to batches so far
+    done: int = 0  # rows answered so far
+    out: np.ndarray | None = None  # N x classes, only for a job split over batches
 
-    enqueued_at: float
+    @property
+    def dead(self) -> bool:
+        return self.future.done()  # cancelled, timed out or failed: nobody awaits its rows
 
-    def __array_finalize__(self, obj: object) -> None:
-        self.enqueued_at = getattr(obj, "enqueued_at", time.perf_counter())
+
+@dataclass
+class CostModel:
+    """Seconds per batch of n images as a + b * n, fitted by least squares with exponential
+    forgetting, so it follows the machine's current speed."""
+
+    decay: float = 0.9
+    _s: float = 0.0
+    _sx: float = 0.0
+    _sy: float = 0.0
+    _sxx: float = 0.0
+    _sxy: float = 0.0
+    batches: int = 0
+
+    def update(self, n: int, seconds: float) -> None:
+        d = self.decay
+        self._s = d * self._s + 1
+        self._sx = d * self._sx + n
+        self._sy = d * self._sy + seconds
+        self._sxx = d * self._sxx + n * n
+        self._sxy = d * self._sxy + n * seconds
+        self.batches += 1
+
+    def predict(self, n: int) -> float:
+        if self.batches == 0 or n <= 0:
+            return 0.0
+        mean_x, mean_y = self._sx / self._s, self._sy / self._s
+        var = self._sxx / self._s - mean_x * mean_x
+        if var <= 1e-9:  # one batch size seen so far: time per image, no fixed part
+            return mean_y / max(mean_x, 1.0) * n
+        b = max(0.0, (self._sxy / self._s - mean_x * mean_y) / var)
+        a = max(0.0, mean_y - b * mean_x)
+        return a + b * n
 
 
+@dataclass
 class Batcher:
-    """Contract: `await submit(x)` returns `infer(x')[rows of x]` for a batch x' holding x.
+    infer: Infer
+    max_batch_size: int
+    max_latency_ms: int
+    max_queue_delay_ms: float = 0.0
+    max_queued_images: int | None = None
+    timeout_s: float | None = None
+    observer: BatchObserver | None = None
+    name: str = "model"
+    cost: CostModel = field(default_factory=CostModel)
+    pending_images: int = 0  # waiting or in flight
+    queued_images: int = 0  # waiting
+    _queue: deque[_Job] = field(default_factory=deque)
+    _in_flight: int = 0  # images in the running batch (0: the model is free)
+    _started: float = 0.0
+    _timer: asyncio.TimerHandle | None = None
 
-    Admission is bounded: at most `max_queued_images` images wait or run at once (503
-    `queue_full` beyond), and a request older than `timeout_s` fails with 504.
-    """
+    def __post_init__(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{self.name}")
 
-    def __init__(
-        self,
-        infer: Callable[[np.ndarray], np.ndarray],
-        *,
-        max_batch_size: int,
-        max_latency_ms: int,
-        max_queued_images: int | None = None,
-        timeout_s: float | None = None,
-        observer: BatchObserver | None = None,
-    ) -> None:
-        self._infer = infer
-        self.max_batch_size = max_batch_size
-        self.max_latency_ms = max_latency_ms
-        self.max_queued_images = max_queued_images
-        self.timeout_s = timeout_s
-        self._observer = observer
-        self.pending_images = 0
-        self._dispatcher: CorkDispatcher[np.ndarray, np.ndarray] = CorkDispatcher(
-            max_latency_in_ms=max_latency_ms,
-            max_batch_size=max_batch_size,
-            fallback=_overloaded,
-            get_batch_size=lambda x: int(x.shape[0]),
-            batch_dim=(0, 0),
+    # --- admission ---------------------------------------------------------------------------
+
+    def predicted_wait(self, n: int) -> float:
+        """Seconds until `n` more images would be answered: the running batch's remainder,
+        then everything queued ahead in full batches, then their own."""
+        running = max(
+            0.0, self.cost.predict(self._in_flight) - (time.perf_counter() - self._started)
         )
-        self._call = self._dispatcher(self._run)
+        total = self.queued_images + n
+        full, rest = divmod(total, self.max_batch_size)
+        return running + full * self.cost.predict(self.max_batch_size) + self.cost.predict(rest)
 
-    async def _run(self, parts: Sequence[np.ndarray]) -> list[np.ndarray]:
-        if self._observer is not None:
-            now = time.perf_counter()
-            waits = [now - getattr(p, "enqueued_at", now) for p in parts]
-            self._observer.on_batch(sum(len(p) for p in parts), waits)
-        batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        batch = batch.view(np.ndarray)
-        # ONNX Runtime releases the GIL: inference runs off the event loop.
-        out = await anyio.to_thread.run_sync(self._infer, batch)
-        bounds = list(itertools.accumulate(len(p) for p in parts))
-        return np.split(out, bounds[:-1])
-
-    async def submit(self, x: np.ndarray) -> np.ndarray:
+    async def submit(self, x: np.ndarray, *, shed: bool = True) -> np.ndarray:
+        """x: N x C x H x W -> N x classes. Domain errors as the module says. `shed=False`
+        skips the latency prediction (warm-up requests, which exist to train it)."""
         n = len(x)
         if self.max_queued_images is not None and self.pending_images + n > self.max_queued_images:
-            raise ApiError(
-                503,
-                "queue_full",
-                f"{self.pending_images} images are already queued; retry shortly",
-                RETRY_AFTER,
+            raise Overloaded(
+                "queue_full", f"{self.pending_images} images are already queued; retry shortly"
             )
+        if shed and self.cost.batches and self.predicted_wait(n) * 1000 > self.max_latency_ms:
+            if self.observer:
+                self.observer.on_dropped(n, "overloaded")
+            raise Overloaded("overloaded", "the server is overloaded; retry shortly")
+        job = _Job(x, asyncio.get_running_loop().create_future(), time.perf_counter())
+        job.future.add_done_callback(lambda _: self._release(job))
+        self._queue.append(job)
+        self.queued_images += n
         self.pending_images += n
+        self._dispatch()
         try:
-            return await self._submit(x)
-        finally:
-            self.pending_images -= n
+            return await asyncio.wait_for(job.future, self.timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"inference did not finish within {self.timeout_s:g} s; retry later"
+            ) from None
 
-    async def _submit(self, x: np.ndarray) -> np.ndarray:
-        stamped = x.view(_Stamped)
-        stamped.enqueued_at = time.perf_counter()
-        task = asyncio.ensure_future(self._call(stamped))
+    def _release(self, job: _Job) -> None:
+        """A job's future is settled: rows it never handed to a batch leave the queue's count.
+        For a cancelled or timed-out job they will never reach inference."""
+        untaken = len(job.x) - job.taken
+        if untaken:
+            self.queued_images -= untaken
+            self.pending_images -= untaken
+            job.taken = len(job.x)
+            if self.observer:
+                waited = time.perf_counter() - job.enqueued
+                late = self.timeout_s is not None and waited >= self.timeout_s
+                self.observer.on_dropped(untaken, "expired" if late else "cancelled")
+
+    # --- batches -----------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Form and start the next batch if the model is free (runs on the event loop)."""
+        if self._in_flight:
+            return
+        while self._queue and self._queue[0].dead:
+            self._queue.popleft()
+        if not self._queue:
+            return
+        now = time.perf_counter()
+        if self.max_queue_delay_ms > 0 and self.queued_images < self.max_batch_size:
+            if self._timer is not None:
+                return  # already holding for the oldest job
+            hold = self._queue[0].enqueued + self.max_queue_delay_ms / 1000 - now
+            if hold > 0:
+                self._timer = asyncio.get_running_loop().call_later(hold, self._held)
+                return
+        if self._timer is not None:  # the batch filled up before the delay ran out
+            self._timer.cancel()
+            self._timer = None
+        parts: list[tuple[_Job, int, int]] = []  # (job, first row, end row)
+        room = self.max_batch_size
+        while self._queue and room:
+            job = self._queue[0]
+            if job.dead:
+                self._queue.popleft()
+                continue
+            take = min(room, len(job.x) - job.taken)
+            parts.append((job, job.taken, job.taken + take))
+            job.taken += take
+            room -= take
+            if job.taken == len(job.x):
+                self._queue.popleft()
+        images = self.max_batch_size - room
+        self.queued_images -= images
+        batch = (
+            parts[0][0].x[parts[0][1] : parts[0][2]]
+            if len(parts) == 1
+            else np.concatenate([job.x[a:b] for job, a, b in parts])
+        )  # images x C x H x W
+        self._in_flight, self._started = images, now
+        waits = [now - job.enqueued for job, _, _ in parts]
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self.infer, batch)
+        future.add_done_callback(lambda f: self._finished(f, parts, images, waits))
+
+    def _held(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _finished(
+        self,
+        future: asyncio.Future,
+        parts: list[tuple[_Job, int, int]],
+        images: int,
+        waits: list[float],
+    ) -> None:
+        seconds = time.perf_counter() - self._started
+        self._in_flight = 0
+        self.pending_images -= images
         try:
-            done, _ = await asyncio.wait({task}, timeout=self.timeout_s)
-        except asyncio.CancelledError:  # the client went away: free its place in the queue
-            task.cancel()
-            raise
-        if not done:
-            task.cancel()  # the dispatcher answers a cancelled job with its fallback error
-            task.add_done_callback(_consume)
-            raise ApiError(
-                504,
-                "deadline_exceeded",
-                f"inference did not finish within {self.timeout_s:g} s; retry later",
-                RETRY_AFTER,
-            )
-        return task.result()
+            error = future.exception() if not future.cancelled() else asyncio.CancelledError()
+            if error is None:
+                self.cost.update(images, seconds)
+                self._deliver(future.result(), parts)
+                if self.observer:
+                    self.observer.on_batch(images, waits, seconds)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, no waiter may hang
+            log.exception("batch of %d images for %s failed", images, self.name)
+            error = exc
+        if error is not None:
+            for job, _, _ in parts:
+                if not job.future.done():
+                    job.future.set_exception(error)
+        self._dispatch()
+
+    @staticmethod
+    def _deliver(out: np.ndarray, parts: list[tuple[_Job, int, int]]) -> None:
+        """out: batch rows x classes, in the order of `parts`."""
+        offset = 0
+        for job, a, b in parts:
+            rows = out[offset : offset + (b - a)]
+            offset += b - a
+            if job.future.done():
+                continue
+            if a == 0 and b == len(job.x):  # the whole job in this batch: the usual case
+                job.future.set_result(rows)
+                continue
+            if job.out is None:
+                job.out = np.empty((len(job.x), *out.shape[1:]), out.dtype)
+            job.out[a:b] = rows
+            job.done += b - a
+            if job.done == len(job.x):
+                job.future.set_result(job.out)
+
+    # --- lifecycle ---------------------------------------------------------------------------
 
     async def warm_up(self, example: np.ndarray, requests: int = 12) -> None:
-        """Run the dispatcher's latency-model training on our own requests, not users'.
-
-        Until it has timed a few batches the CORK dispatcher releases one request at a time and
-        sheds queued ones, which is where BentoML's 503s under a cold burst come from.
-        """
+        """Requests of our own before users': the cost model learns batch times (one at a
+        time, then concurrent ones, so it sees batches larger than one)."""
         for _ in range(requests):
-            await self.submit(example)
-        # Concurrent ones too, so the model has seen batches larger than one.
-        await asyncio.gather(*(self.submit(example) for _ in range(requests)))
+            await self.submit(example, shed=False)
+        await asyncio.gather(*(self.submit(example, shed=False) for _ in range(requests)))
 
     def shutdown(self) -> None:
-        self._dispatcher.shutdown()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting (queued, not yet in a batch)."""
+        return len(self._queue)

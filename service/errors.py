@@ -1,16 +1,57 @@
-"""Where failures become HTTP answers: a stable `code`, a plain message, no internals."""
+"""Where domain errors become HTTP answers, for each protocol, in one place.
+
+REST (`/classify`, `/models`, ...):  {"error": {"code": ..., "message": ...}}, status by code.
+Open Inference Protocol (`/v2/...`): {"error": "<message>"}, 400 for every malformed request.
+Messages never hold stack traces, paths or addresses; 503s and 504s carry Retry-After.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from convserve.errors import ConvserveError, DeadlineExceeded, InvalidInput, Overloaded
 
 log = logging.getLogger("convserve.errors")
+
+# Every code the API documents, and its REST status. An unknown code is a bug: 500.
+STATUS: dict[str, int] = {
+    "empty_image": 400,
+    "invalid_image": 400,
+    "malformed_body": 400,
+    "model_not_found": 404,
+    "version_not_found": 404,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "body_too_large": 413,
+    "image_too_large": 413,
+    "unsupported_image": 415,
+    "unsupported_media_type": 415,
+    "invalid_request": 422,
+    "invalid_top_k": 422,
+    "too_many_images": 422,
+    "image_too_small": 422,
+    "bad_aspect_ratio": 422,
+    "invalid_base64": 422,
+    "invalid_tensor": 422,
+    "conflicting_parameters": 422,
+    "internal_error": 500,
+    "busy": 503,
+    "queue_full": 503,
+    "overloaded": 503,
+    "deadline_exceeded": 504,
+}
+CODE_OF_STATUS = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed",
+                  413: "body_too_large", 415: "unsupported_media_type"}  # fmt: skip
+INTERNAL = ConvserveError("internal_error", "internal error; the server log has details")
+OIP_PREFIX = "/v2"
 
 
 class ErrorBody(BaseModel):
@@ -22,36 +63,46 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-class ApiError(Exception):
-    """An error whose message is safe to show the client."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers
+@dataclass(frozen=True)
+class WireError:
+    status: int
+    body: bytes  # JSON
+    headers: dict[str, str]
 
 
-V2_PREFIX = "/v2"
+def status_of(error: ConvserveError) -> int:
+    """The REST status of a domain error."""
+    return STATUS.get(error.code, 500)
 
 
-def error_payload(path: str, status: int, code: str, message: str) -> tuple[int, dict]:
-    """The status and body of an error, in the format of the API the path belongs to.
-
-    The Open Inference Protocol (/v2) answers `{"error": "<message>"}` and uses 400 for every
-    malformed request; the rest of the API answers `{"error": {"code", "message"}}`.
-    """
-    if path.startswith(V2_PREFIX):
-        return (400 if status in (415, 422) else status), {"error": message}
-    return status, ErrorResponse(error=ErrorBody(code=code, message=message)).model_dump()
+def _retry_headers(error: ConvserveError) -> dict[str, str]:
+    if isinstance(error, Overloaded | DeadlineExceeded):
+        return {"Retry-After": str(error.retry_after_s)}
+    return {}
 
 
-def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None, path: str = ""
-) -> JSONResponse:
-    status, body = error_payload(path, status, code, message)
-    return JSONResponse(body, status_code=status, headers=headers)
+def rest(error: ConvserveError) -> WireError:
+    body = {"error": {"code": error.code, "message": error.message}}
+    return WireError(status_of(error), json.dumps(body).encode(), _retry_headers(error))
+
+
+def oip(error: ConvserveError) -> WireError:
+    """The Open Inference Protocol's error: its message alone; 400 for any malformed request."""
+    status = status_of(error)
+    status = 400 if status in (415, 422) else status
+    return WireError(status, json.dumps({"error": error.message}).encode(), _retry_headers(error))
+
+
+def for_path(path: str, error: ConvserveError) -> WireError:
+    """The wire format of the protocol `path` belongs to."""
+    return oip(error) if path.startswith(OIP_PREFIX) else rest(error)
+
+
+def response(path: str, error: ConvserveError) -> Response:
+    wire = for_path(path, error)
+    return Response(
+        wire.body, status_code=wire.status, headers=wire.headers, media_type="application/json"
+    )
 
 
 def _count(request: Request, code: str) -> None:
@@ -60,47 +111,41 @@ def _count(request: Request, code: str) -> None:
         hook(code)
 
 
-async def handle_api_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ApiError)
+async def _domain(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ConvserveError)
     _count(request, exc.code)
-    return error_response(exc.status, exc.code, exc.message, exc.headers, request.url.path)
+    return response(request.url.path, exc)
 
 
-async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
+async def _validation(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    _count(request, "invalid_request")
     # Name the offending fields, never echo their values (they may be large or binary).
-    problems = "; ".join(_describe(err) for err in exc.errors())
-    return error_response(
-        422, "invalid_request", problems or "invalid request", None, request.url.path
-    )
+    problems = "; ".join(describe(err) for err in exc.errors())
+    return await _domain(request, InvalidInput("invalid_request", problems or "invalid request"))
 
 
-def _describe(err: dict) -> str:
+def describe(err: dict) -> str:
+    """A pydantic/FastAPI validation error as `where: what`, without the offending value."""
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    where = ".".join(loc) or "request"
-    return f"{where}: {err.get('msg', 'invalid')}"
+    return f"{'.'.join(loc) or 'request'}: {err.get('msg', 'invalid')}"
 
 
-HTTP_CODES = {
-    400: "malformed_body",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "body_too_large",
-    415: "unsupported_media_type",
-}
-
-
-async def handle_http_error(request: Request, exc: Exception) -> JSONResponse:
-    """Starlette's own errors (bad multipart framing, unknown route) in our format."""
+async def _http(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (unknown route, wrong method) in the protocol's format."""
     assert isinstance(exc, StarletteHTTPException)
-    code = HTTP_CODES.get(exc.status_code, "http_error")
-    _count(request, code)
     message = exc.detail if isinstance(exc.detail, str) else "request refused"
-    return error_response(exc.status_code, code, message, exc.headers, request.url.path)
+    code = CODE_OF_STATUS.get(exc.status_code, "malformed_body")
+    return await _domain(request, ConvserveError(code, message))
 
 
-async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
+async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
-    message = "internal error; the server log has details"
-    return error_response(500, "internal_error", message, None, request.url.path)
+    return await _domain(request, INTERNAL)
+
+
+def install(app: FastAPI) -> None:
+    """Every error the app can raise, answered in the format of the protocol it belongs to."""
+    app.add_exception_handler(ConvserveError, _domain)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(Exception, _unexpected)

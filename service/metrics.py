@@ -25,6 +25,18 @@ class ServiceMetrics:
             labelnames=["model"],
             buckets=WAIT_BUCKETS,
         )
+        self.inference = bentoml.metrics.Histogram(
+            name="convserve_inference_seconds",
+            documentation="time of one ONNX Runtime call (one batch)",
+            labelnames=["model"],
+            buckets=WAIT_BUCKETS,
+        )
+        self.dropped = bentoml.metrics.Counter(
+            name="convserve_dropped_images_total",
+            documentation="images never run: their client went away (cancelled), their "
+            "deadline passed (expired), or the queue could not meet the latency budget",
+            labelnames=["model", "reason"],
+        )
         self.rejected = bentoml.metrics.Counter(
             name="convserve_rejected_requests_total",
             documentation="requests answered with an error, by error code",
@@ -39,13 +51,19 @@ class BatchMetrics:
     """The batcher's observer for one model."""
 
     def __init__(self, metrics: ServiceMetrics, model: str) -> None:
+        self._metrics, self._model = metrics, model
         self._size = metrics.batch_size.labels(model=model)
         self._wait = metrics.queue_wait.labels(model=model)
+        self._inference = metrics.inference.labels(model=model)
 
-    def on_batch(self, images: int, queue_waits_s: Sequence[float]) -> None:
+    def on_batch(self, images: int, queue_waits_s: Sequence[float], seconds: float) -> None:
         self._size.observe(images)
+        self._inference.observe(seconds)
         for wait in queue_waits_s:
             self._wait.observe(wait)
+
+    def on_dropped(self, images: int, reason: str) -> None:
+        self._metrics.dropped.labels(model=self._model, reason=reason).inc(images)
 
 
 @functools.cache

@@ -7,19 +7,20 @@ recorded at export reproduced. Any failure is a `StartupError` whose message is 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
-import anyio.to_thread
 import numpy as np
 
-from export.store import StoredModel, StoreError, load_model, read_known_answer, verify_file
-from models.spec import ModelSpec
-from service.batching import Batcher
-from service.errors import ApiError
-from service.metrics import ServiceMetrics
-from service.runtime import OnnxClassifier, ProviderError, SessionConfig, make_session
-from service.settings import ServiceSettings
+from convserve.errors import NotServed
+from convserve.runtime import OnnxClassifier, ProviderError, SessionConfig, make_session
+from convserve.service.batching import Batcher
+from convserve.service.metrics import ServiceMetrics
+from convserve.service.settings import ServiceSettings
+from convserve.spec import ModelSpec
+from convserve.store import StoredModel, StoreError, load_model, read_known_answer, verify_file
 
 log = logging.getLogger("convserve.pool")
 
@@ -119,9 +120,11 @@ class ModelPool:
                 classifier.probabilities,
                 max_batch_size=settings.max_batch_size,
                 max_latency_ms=settings.max_latency_ms,
+                max_queue_delay_ms=settings.max_queue_delay_ms,
                 max_queued_images=settings.max_queued_images,
                 timeout_s=settings.request_timeout_ms / 1000,
                 observer=metrics.observer(stored.tag) if metrics else None,
+                name=stored.tag,
             )
             models.append(ServedModel(stored, classifier, batcher))
         _refuse_duplicates([m.stored.tag for m in models])
@@ -132,14 +135,13 @@ class ModelPool:
         return self.models[0]
 
     def get(self, name: str | None = None, version: str | None = None) -> ServedModel:
-        """The model a request asked for; 404 ApiError when it is not served."""
+        """The model a request asked for; `NotServed` when it is not served."""
         if name is None and version is None:
             return self.default
         name = name or self.default.stored.name
         candidates = self._by_name.get(name)
         if not candidates:
-            raise ApiError(
-                404,
+            raise NotServed(
                 "model_not_found",
                 f"model {name!r} is not served; GET /models lists the served ones",
             )
@@ -150,8 +152,7 @@ class ModelPool:
         for served in candidates:
             if served.stored.version == version:
                 return served
-        raise ApiError(
-            404,
+        raise NotServed(
             "version_not_found",
             f"version {version!r} of model {name!r} is not served; GET /models lists them",
         )
@@ -161,7 +162,12 @@ class ModelPool:
             spec = served.spec.input
             # A full-size batch first, so ORT's arena holds the largest buffers before traffic.
             full = np.zeros(spec.shape(settings.max_batch_size), dtype=np.float32)
-            await anyio.to_thread.run_sync(served.classifier.probabilities, full)
+            started = time.perf_counter()
+            await asyncio.get_running_loop().run_in_executor(
+                None, served.classifier.probabilities, full
+            )
+            # The batcher's cost model starts knowing both ends: a full batch and (below) one.
+            served.batcher.cost.update(len(full), time.perf_counter() - started)
             await served.batcher.warm_up(full[:1], settings.warmup_requests)
         self.ready = True
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.spec import InputSpec
+from convserve.spec import InputSpec
 
 
 class Prediction(BaseModel):

@@ -61,6 +61,12 @@ class ServiceSettings(BaseSettings):
         description="queue + inference budget per request; a queued request that can no longer "
         "meet it is answered 503 at once",
     )
+    max_queue_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        description="how long a batch that is not full may wait for more images (Triton's "
+        "max_queue_delay); 0 never waits",
+    )
     request_timeout_ms: int = Field(
         10_000, ge=1, description="hard deadline for one inference request; past it, 504"
     )
@@ -102,6 +108,11 @@ class ServiceSettings(BaseSettings):
         default_factory=_available_cores,
         ge=1,
         description="ONNX Runtime threads per operator (default: the cores this process may use)",
+    )
+    decode_threads: int = Field(
+        default_factory=_available_cores,
+        ge=1,
+        description="threads decoding large uploads off the event loop (default: usable cores)",
     )
     inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime threads across operators")
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = Field(

@@ -11,16 +11,16 @@ import math
 
 import numpy as np
 
-from models.spec import InputSpec
-from service.errors import ApiError
-from service.imaging import normalize_pixels
+from convserve.errors import InvalidInput
+from convserve.preprocess import normalize
+from convserve.spec import InputSpec
 
 NPY_MAGIC = b"\x93NUMPY"
 DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
 
 
-def _invalid(message: str) -> ApiError:
-    return ApiError(422, "invalid_tensor", message)
+def _invalid(message: str) -> InvalidInput:
+    return InvalidInput("invalid_tensor", message)
 
 
 def parse_dtype(name: str) -> np.dtype:
@@ -76,7 +76,8 @@ def _from_bytes(
 
 
 def to_model_input(array: np.ndarray, spec: InputSpec, max_images: int) -> np.ndarray:
-    """Checked N x C x H x W float32 for the model: 422 on any mismatch, NaN or infinity."""
+    """Checked N x C x H x W float32 for the model: `InvalidInput` on any mismatch, NaN or
+    infinity."""
     expected = spec.shape(-1)[1:]
     if array.ndim != 4 or tuple(array.shape[1:]) != expected:
         raise _invalid(
@@ -87,9 +88,9 @@ def to_model_input(array: np.ndarray, spec: InputSpec, max_images: int) -> np.nd
     if n < 1:
         raise _invalid("the batch is empty")
     if n > max_images:
-        raise ApiError(422, "too_many_images", f"{n} images sent; at most {max_images} per request")
+        raise InvalidInput("too_many_images", f"{n} images sent; at most {max_images} per request")
     if array.dtype == np.uint8:
-        return normalize_pixels(array, spec.mean, spec.std)
+        return normalize(array, spec)
     if not np.isfinite(array).all():
         raise _invalid("the tensor holds NaN or infinite values")
     return np.ascontiguousarray(array, dtype=np.float32)

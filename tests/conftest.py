@@ -42,7 +42,7 @@ def bentoml_home() -> Path:
 
 @pytest.fixture(scope="session")
 def fashion_test():
-    from models.data import load_fashion_mnist
+    from convserve.models.data import load_fashion_mnist
 
     return load_fashion_mnist("test")
 
@@ -50,7 +50,7 @@ def fashion_test():
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory: pytest.TempPathFactory):
     """A short LeNet-5 run on a subset: a real checkpoint in seconds."""
-    from models.train import TrainConfig, train
+    from convserve.models.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("quick-run")
     return train(
@@ -90,15 +90,15 @@ def default_stored(default_run: Path, bentoml_home: Path):
         cwd=ROOT,
         env=env,
     )
-    from export.store import load_model
+    from convserve.store import load_model
 
     return load_model("fashion-lenet5:latest")
 
 
 def _store(checkpoint: Path, name: str, out: Path):
-    from export.onnx_export import ExportConfig, export_onnx
-    from export.store import save_model
-    from export.verify import known_inputs
+    from convserve.export.onnx_export import ExportConfig, export_onnx
+    from convserve.export.verify import known_inputs
+    from convserve.store import save_model
 
     path, spec = export_onnx(ExportConfig(checkpoint=str(checkpoint), output=str(out)))
     return save_model(path, spec, name, known_inputs(spec))
@@ -118,8 +118,8 @@ def rgb_stored(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory):
     """An untrained LeNet-5 for 3 x 32 x 32 input: a second model with its own input spec."""
     import torch
 
-    from models import create_model
-    from models.spec import ModelSpec
+    from convserve.models import create_model
+    from convserve.spec import ModelSpec
 
     out = tmp_path_factory.mktemp("rgb")
     torch.manual_seed(0)

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+SERVICE = "convserve.service.app:Classifier"
 
 
 def free_port() -> int:
@@ -31,9 +32,9 @@ def start_server(home: Path, log_path: Path, **settings: str) -> tuple[subproces
     }
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service.service:Classifier"]
+            [sys.executable, "-m", "bentoml", "serve", SERVICE]
             + ["--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
+            cwd=log_path.parent,  # not the repository: the service starts from anywhere
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

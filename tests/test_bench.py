@@ -20,7 +20,7 @@ def test_quick_benchmark_runs_clean_and_writes_its_files(
     cmd = [
         sys.executable,
         "-m",
-        "loadtest.bench",
+        "convserve.loadtest.bench",
         "--quick",
         "--out",
         str(out),

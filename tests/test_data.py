@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from convserve.cli import main
-from models.data import DEFAULT_DATA_DIR, DatasetNotFoundError, load_fashion_mnist, read_idx
+from convserve.models.data import (
+    DEFAULT_DATA_DIR,
+    DatasetNotFoundError,
+    load_fashion_mnist,
+    read_idx,
+)
 
 
 def test_standard_splits(fashion_test):

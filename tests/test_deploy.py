@@ -25,6 +25,8 @@ BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
 BUILDAH = ["buildah", "--storage-driver", "vfs"]
 BASE_TAG = "localhost/debian:bookworm-slim"
 IMAGE_TAG = "localhost/convserve:test"
+DEFAULT_TAG = "localhost/convserve:default-test"
+WHEELS = Path("/opt/wheels")
 
 
 def _tool(name: str) -> str:
@@ -117,32 +119,97 @@ def _ensure_base_image() -> None:
     shutil.rmtree(rootfs, ignore_errors=True)
 
 
+def _build(tag: str, work: Path, *build_args: str) -> None:
+    """`buildah bud` of the Dockerfile on the local Debian base, with the host's CA bundle and
+    its local wheels (the CPU build of torch) mounted for pip, as ../container-build.md says.
+    `--layers` keeps the stages two builds share (base, sources, serving venv)."""
+    (work / "ca").mkdir(exist_ok=True)
+    shutil.copyfile("/etc/ssl/certs/ca-certificates.crt", work / "ca" / "ca.crt")
+    mounts = ["-v", f"{work / 'ca'}:/run/hostca:ro", "-v", f"{work / 'pip.conf'}:/etc/pip.conf:ro"]
+    conf = "[global]\ncert = /run/hostca/ca.crt\n"
+    if WHEELS.is_dir():
+        mounts += ["-v", f"{WHEELS}:/run/wheels:ro"]
+        conf += "find-links = /run/wheels\n"
+    (work / "pip.conf").write_text(conf)
+    t0 = time.monotonic()
+    _run(
+        [*BUILDAH, "bud", "--layers", "--isolation", "chroot", "--format", "docker", *mounts,
+         "--build-arg", f"BASE_IMAGE={BASE_TAG}", *build_args, "-t", tag, "."],
+        cwd=ROOT,
+    )  # fmt: skip
+    print(f"{tag} built in {time.monotonic() - t0:.0f} s")
+
+
 @pytest.fixture(scope="module")
-def image(default_stored, bentoml_home, tmp_path_factory):
-    """The CPU image, serving the trained default model exported by the test session."""
+def builder(tmp_path_factory):
     _tool("buildah")
     _tool("debootstrap")
     _ensure_base_image()
+    yield tmp_path_factory.mktemp("buildah")
+    subprocess.run([*BUILDAH, "rmi", "--force", IMAGE_TAG, DEFAULT_TAG], capture_output=True)
+    subprocess.run([*BUILDAH, "rmi", "--prune"], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def image(builder, default_stored, bentoml_home):
+    """The CPU image, serving the trained default model exported by the test session."""
     store = ROOT / "build" / "container-store"
     shutil.rmtree(store, ignore_errors=True)
     shutil.copytree(bentoml_home / "models" / "fashion-lenet5", store / "fashion-lenet5")
-    work = tmp_path_factory.mktemp("buildah")
-    (work / "ca").mkdir()
-    shutil.copyfile("/etc/ssl/certs/ca-certificates.crt", work / "ca" / "ca.crt")
-    (work / "pip.conf").write_text("[global]\ncert = /run/hostca/ca.crt\n")
-    t0 = time.monotonic()
-    _run(
-        [*BUILDAH, "bud", "--isolation", "chroot", "--format", "docker",
-         "-v", f"{work / 'ca'}:/run/hostca:ro", "-v", f"{work / 'pip.conf'}:/etc/pip.conf:ro",
-         "--build-arg", f"BASE_IMAGE={BASE_TAG}", "--build-arg", "MODEL_SOURCE=dir",
-         "--build-arg", "MODEL_DIR=build/container-store", "-t", IMAGE_TAG, "."],
-        cwd=ROOT,
-    )  # fmt: skip
-    print(f"image built in {time.monotonic() - t0:.0f} s")
+    _build(IMAGE_TAG, builder, "--build-arg", "MODEL_SOURCE=dir",
+           "--build-arg", "MODEL_DIR=build/container-store")  # fmt: skip
     yield IMAGE_TAG
     shutil.rmtree(store, ignore_errors=True)
-    subprocess.run([*BUILDAH, "rmi", "--prune"], capture_output=True)
-    subprocess.run([*BUILDAH, "rmi", IMAGE_TAG], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def default_image(builder):
+    """`docker build .` as a user runs it: MODEL_SOURCE=train, the model trained in the build.
+    Shortened by TRAIN_ARGS (the path is the same); torch from the local wheels, not an index."""
+    assert WHEELS.is_dir(), f"the CPU torch wheel is expected in {WHEELS}"
+    _build(DEFAULT_TAG, builder, "--build-arg", "TORCH_INDEX=",
+           "--build-arg", "TRAIN_ARGS=--epochs 1 --train-limit 6000 --test-limit 1000")  # fmt: skip
+    return DEFAULT_TAG
+
+
+@contextlib.contextmanager
+def _serving(image: str):
+    """The image's own CMD on a free port; only /tmp writable. Yields the base URL."""
+    config = json.loads(_run([*BUILDAH, "inspect", image]).stdout)["Docker"]["config"]
+    cmd = config["Cmd"]
+    port = free_port()
+    command = [*cmd[:-1], str(port)] if cmd[-2] == "--port" else cmd
+    container = _run([*BUILDAH, "from", image]).stdout.strip()
+    log_path = ROOT / "build" / "container-run.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    t0 = time.monotonic()
+    server = subprocess.Popen(
+        [*BUILDAH, "run", "--isolation", "chroot", "--mount", "type=tmpfs,destination=/tmp",
+         container, "--", *command],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(server, url, log_path)
+        print(f"container ready {time.monotonic() - t0:.1f} s after start")
+        yield url
+    finally:
+        # The container's processes are not in buildah's process group: stop them by name.
+        _stop(list(_serving_processes()))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+        subprocess.run([*BUILDAH, "rm", container], capture_output=True)
+
+
+def _boot_png(fashion_test) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(fashion_test.images[0]).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def _serving_processes() -> dict[int, int]:
@@ -157,7 +224,7 @@ def _serving_processes() -> dict[int, int]:
             status = (proc / "status").read_text()
         except OSError:
             continue
-        if b"service.service:Classifier" not in cmdline or cmdline[0].endswith(b"buildah"):
+        if b"convserve.service.app:Classifier" not in cmdline or cmdline[0].endswith(b"buildah"):
             continue
         with contextlib.suppress(OSError):
             if os.readlink(proc / "root") == "/":
@@ -184,43 +251,31 @@ def test_image_is_lean_non_root_and_serves(image, fashion_test):
     assert config["User"] not in ("", "0", "root")
     assert config["Healthcheck"]["Test"][0] == "CMD"
     cmd = config["Cmd"]
-    assert cmd[:3] == ["bentoml", "serve", "service.service:Classifier"]  # exec form
+    assert cmd[:3] == ["bentoml", "serve", "convserve.service.app:Classifier"]  # exec form
     listing = _run([*BUILDAH, "images", "--json", image]).stdout
     value, unit = json.loads(listing)[0]["size"].split()  # e.g. "431 MB"
     size_mb = float(value) * {"kB": 1e-3, "MB": 1.0, "GB": 1e3}[unit]
     print(f"image size {size_mb:.0f} MB")
     assert size_mb <= 600
 
-    # The image's own CMD, on a free port; only /tmp is writable for the server's user.
-    port = free_port()
-    command = [*cmd[:-1], str(port)] if cmd[-2] == "--port" else cmd
-    container = _run([*BUILDAH, "from", image]).stdout.strip()
-    log = open(ROOT / "build" / "container-run.log", "wb")  # noqa: SIM115 - closed below
-    t0 = time.monotonic()
-    server = subprocess.Popen(
-        [*BUILDAH, "run", "--isolation", "chroot", "--mount", "type=tmpfs,destination=/tmp",
-         container, "--", *command],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(server, url, ROOT / "build" / "container-run.log")
-        print(f"container ready {time.monotonic() - t0:.1f} s after start")
-        buf = io.BytesIO()
-        Image.fromarray(fashion_test.images[0]).save(buf, "PNG")
-        resp = httpx.post(f"{url}/classify", files=[("images", ("boot.png", buf.getvalue()))])
+    with _serving(image) as url:
+        resp = httpx.post(
+            f"{url}/classify", files=[("images", ("boot.png", _boot_png(fashion_test)))]
+        )
         assert resp.status_code == 200, resp.text
         assert resp.json()["results"][0]["predictions"][0]["label"] == "Ankle boot"
         uids = set(_serving_processes().values())
         assert uids and 0 not in uids, uids
-    finally:
-        # The container's processes are not in buildah's process group: stop them by port.
-        _stop(list(_serving_processes()))
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
-        subprocess.run([*BUILDAH, "rm", container], capture_output=True)
+
+
+@pytest.mark.slow
+def test_default_build_trains_its_model_and_serves_it(default_image, fashion_test):
+    with _serving(default_image) as url:
+        models = httpx.get(f"{url}/models").json()
+        (version,) = models["models"][0]["versions"]
+        assert version["tag"].startswith("fashion-lenet5:") and version["architecture"] == "lenet5"
+        resp = httpx.post(
+            f"{url}/classify", files=[("images", ("boot.png", _boot_png(fashion_test)))]
+        )
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["results"][0]["predictions"][0]["label"] in version["labels"]

@@ -1,12 +1,17 @@
 import hashlib
+import io
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from PIL import Image
 
-from export.onnx_export import OPSET, ExportConfig, export_onnx, read_spec
-from export.store import (
+from convserve.export.onnx_export import OPSET, ExportConfig, export_onnx, read_spec
+from convserve.export.verify import MAX_ABS_LOGIT_DIFF, check_parity, known_inputs
+from convserve.models.checkpoint import load_checkpoint
+from convserve.preprocess import from_bytes
+from convserve.store import (
     StoreError,
     has_model,
     list_versions,
@@ -15,8 +20,12 @@ from export.store import (
     save_model,
     verify_file,
 )
-from export.verify import MAX_ABS_LOGIT_DIFF, check_parity, known_inputs, normalize
-from models.train import load_checkpoint
+
+
+def png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +83,8 @@ def test_store_versions_and_latest(exported, bentoml_home):
 
 def test_known_inputs_are_the_service_preprocessing(exported, fashion_test):
     _, spec = exported
-    expected = normalize(fashion_test.images[:8], spec.input.mean, spec.input.std)
+    # What the service makes of the same images uploaded as PNG.
+    expected = np.stack([from_bytes(png(img), spec.input) for img in fashion_test.images[:8]])
     assert np.array_equal(known_inputs(spec, count=8), expected)
 
 
@@ -118,7 +128,7 @@ def test_int8_is_stored_beside_fp32_with_its_metrics(quick_run, bentoml_home, tm
 
 
 def test_model_report_has_every_section(quick_run, tmp_path):
-    from export.report import write_report
+    from convserve.export.report import write_report
 
     report = write_report(quick_run.checkpoint.parent, tmp_path)
     text = report.read_text()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import models
-from export.onnx_export import ExportConfig, export_onnx
-from export.verify import check_parity
-from models.spec import FASHION_MNIST_LABELS, FASHION_MNIST_MEAN, FASHION_MNIST_STD, ModelSpec
+from convserve import models
+from convserve.export.onnx_export import ExportConfig, export_onnx
+from convserve.export.verify import check_parity
+from convserve.spec import FASHION_MNIST_LABELS, FASHION_MNIST_MEAN, FASHION_MNIST_STD, ModelSpec
 
 
 @pytest.mark.parametrize("name", models.list_models())

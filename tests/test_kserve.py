@@ -12,7 +12,7 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from export.verify import normalize
+from convserve.preprocess import from_pixels
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,10 @@ def test_health_and_metadata(client, quick_stored):
     meta = client.get_model_metadata("quick-lenet5")
     assert meta["name"] == "quick-lenet5" and meta["platform"] == "onnxruntime_onnx"
     assert meta["versions"] == [latest.version, older.version]
-    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
+    assert meta["inputs"] == [
+        {"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]},
+        {"name": "image", "datatype": "BYTES", "shape": [-1]},  # encoded images
+    ]
     assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
     assert client.get_model_metadata("quick-lenet5", older.version)["versions"] == [older.version]
     assert client.is_model_ready("quick-lenet5")
@@ -82,9 +85,11 @@ def test_health_and_metadata(client, quick_stored):
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 @pytest.mark.parametrize("datatype", ["FP32", "UINT8"])
-def test_tensor_inference_equals_classify(client, images, classify_answer, binary, datatype):
-    spec_mean, spec_std = (0.2860,), (0.3530,)
-    x = normalize(images, spec_mean, spec_std) if datatype == "FP32" else images[:, None]
+def test_tensor_inference_equals_classify(
+    client, images, classify_answer, quick_stored, binary, datatype
+):
+    spec = quick_stored[1].spec.input
+    x = from_pixels(images, spec) if datatype == "FP32" else images[:, None]
     tensor = triton.InferInput("input", list(x.shape), datatype)
     tensor.set_data_from_numpy(x, binary_data=binary)
     output = triton.InferRequestedOutput("probabilities", binary_data=binary)
@@ -96,8 +101,9 @@ def test_tensor_inference_equals_classify(client, images, classify_answer, binar
     np.testing.assert_allclose(probabilities, _probabilities(classify_answer), atol=1e-6)
 
 
-def test_bytes_image_input_with_the_classification_extension(client, images, classify_answer):
-    tensor = triton.InferInput("input", [len(images)], "BYTES")
+@pytest.mark.parametrize("name", ["input", "image"])
+def test_bytes_image_input_with_the_classification_extension(client, images, classify_answer, name):
+    tensor = triton.InferInput(name, [len(images)], "BYTES")
     tensor.set_data_from_numpy(np.array([png(img) for img in images], dtype=np.object_))
     output = triton.InferRequestedOutput("probabilities", class_count=3)
     result = client.infer("quick-lenet5", [tensor], outputs=[output])

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-import models
-from models._registry import register_model
+from convserve import models
+from convserve.models._registry import register_model
 
 
 def test_registry_lists_every_family():
@@ -46,13 +46,18 @@ def test_features_and_head_compose_to_forward(name: str):
         assert torch.equal(model(x), model.forward_head(model.forward_features(x)))
 
 
-def test_importing_models_does_not_import_torch():
-    # The service imports models.spec; that must not drag torch into the serving process.
+def test_importing_models_does_not_import_torch(tmp_path):
+    # The registry loads its families lazily; the spec and the service must not drag torch in.
     import subprocess
     import sys
 
-    code = "import sys, models, models.spec; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    code = (
+        "import sys, convserve.models, convserve.spec, convserve.service.app; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
     assert out.stdout.strip() == "False"
 
 
@@ -81,7 +86,7 @@ def test_googlenet_has_about_6_6_million_parameters():
 
 @pytest.mark.parametrize("name", models.list_models())
 def test_summary_works_for_every_model(name: str):
-    from models.summary import format_table, summarize
+    from convserve.models.summary import format_table, summarize
 
     model = models.create_model(name, in_channels=1, input_size=28, num_classes=10)
     rows = summarize(model, 1, 28)

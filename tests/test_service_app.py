@@ -18,10 +18,10 @@ from bad_inputs import assert_error, bad_requests, encode
 from PIL import Image
 from starlette.testclient import TestClient
 
-from service.imaging import preprocess
-from service.pool import open_model
-from service.runtime import softmax
-from service.settings import ServiceSettings
+from convserve.preprocess import from_bytes
+from convserve.runtime import softmax
+from convserve.service.pool import open_model
+from convserve.service.settings import ServiceSettings
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def served(quick_stored, rgb_stored):
 
 @pytest.fixture(scope="module")
 def client(served):
-    from service.service import Classifier
+    from convserve.service.app import Classifier
 
     env = {
         "CONVSERVE_MODELS": f"quick-lenet5:latest,{served['older'].tag},rgb-lenet5:latest",
@@ -52,7 +52,7 @@ def predict(served):
     _, classifier = open_model(served["latest"].tag, settings)
 
     def run(data: bytes) -> np.ndarray:
-        x = preprocess(data, served["latest"].spec.input)[None]
+        x = from_bytes(data, served["latest"].spec.input)[None]
         return softmax(classifier.logits(x))[0]
 
     return run
@@ -114,15 +114,17 @@ def test_json_base64_equals_multipart(client, fashion_test):
 
 
 @pytest.mark.parametrize("layout", ["npy-uint8", "npy-float32", "raw-uint8", "raw-float32"])
-def test_tensor_endpoint_equals_image_upload(client, fashion_test, layout):
-    from export.verify import normalize
+def test_tensor_endpoint_equals_image_upload(client, fashion_test, served, layout):
+    from convserve.preprocess import from_pixels
 
     pixels = fashion_test.images[:5]
     images = client.post(
         "/classify", files=[("images", ("x.png", encode(Image.fromarray(p)))) for p in pixels]
     )
     tensor = (
-        pixels[:, None] if layout.endswith("uint8") else normalize(pixels, (0.2860,), (0.3530,))
+        pixels[:, None]
+        if layout.endswith("uint8")
+        else from_pixels(pixels, served["latest"].spec.input)
     )
     if layout.startswith("npy"):
         buf = io.BytesIO()

@@ -14,8 +14,8 @@ from bad_inputs import assert_error, bad_requests
 from PIL import Image
 from serving import start_server, stop_server
 
-from export.verify import normalize
-from service.runtime import softmax, top_k
+from convserve.preprocess import from_pixels
+from convserve.runtime import softmax, top_k
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +43,7 @@ def reference(default_stored):
     spec = default_stored.spec
 
     def predict(images: np.ndarray, k: int = 5):
-        x = normalize(images, spec.input.mean, spec.input.std)
+        x = from_pixels(images, spec.input)
         (logits,) = session.run(None, {session.get_inputs()[0].name: x})
         return top_k(softmax(logits), k)
 

@@ -39,7 +39,15 @@ def _serve_and_expect_refusal(home: Path, **settings: str) -> str:
         **{f"CONVSERVE_{k.upper()}": v for k, v in settings.items()},
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "bentoml", "serve", "service.service:Classifier", "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            "convserve.service.app:Classifier",
+            "--port",
+            "0",
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -156,9 +164,9 @@ def test_burst_of_8x_the_admission_limit_is_shed_fast_and_answers_stay_correct(
     assert set(livez) == {200}
 
     # Each answered request got its own images' predictions (no cross-talk in a batch).
-    from service.imaging import preprocess
-    from service.pool import open_model
-    from service.settings import ServiceSettings
+    from convserve.preprocess import from_bytes
+    from convserve.service.pool import open_model
+    from convserve.service.settings import ServiceSettings
 
     _, classifier = open_model(quick_stored[1].tag, ServiceSettings(models=[quick_stored[1].tag]))
     for c, resp in enumerate(answers):
@@ -167,7 +175,7 @@ def test_burst_of_8x_the_admission_limit_is_shed_fast_and_answers_stay_correct(
             assert resp.json()["error"]["code"] in {"busy", "queue_full", "overloaded"}
             continue
         mine = images[c * per_request : (c + 1) * per_request]
-        x = np.stack([preprocess(png(img, 4), quick_stored[1].spec.input) for img in mine])
+        x = np.stack([from_bytes(png(img, 4), quick_stored[1].spec.input) for img in mine])
         expected = classifier.logits(x).argmax(1)
         got = [r["predictions"][0]["index"] for r in resp.json()["results"]]
         assert got == expected.tolist()

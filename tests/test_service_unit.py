@@ -22,14 +22,15 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from models.spec import FASHION_MNIST_MEAN, FASHION_MNIST_STD, InputSpec
-from service import kserve
-from service.admission import AdmissionLimits, AdmissionMiddleware
-from service.batching import Batcher
-from service.errors import ApiError
-from service.runtime import OnnxClassifier, ProviderError, SessionConfig, make_session
-from service.settings import ServiceSettings
-from service.tensors import parse_dtype, parse_shape, read_npy, read_raw, to_model_input
+from convserve.errors import ConvserveError
+from convserve.runtime import OnnxClassifier, ProviderError, SessionConfig, make_session
+from convserve.service import oip
+from convserve.service.admission import AdmissionLimits, AdmissionMiddleware
+from convserve.service.batching import Batcher
+from convserve.service.errors import rest, status_of
+from convserve.service.settings import ServiceSettings
+from convserve.service.tensors import parse_dtype, parse_shape, read_npy, read_raw, to_model_input
+from convserve.spec import FASHION_MNIST_MEAN, FASHION_MNIST_STD, InputSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = InputSpec(channels=1, height=28, width=28, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
@@ -100,10 +101,10 @@ def test_batcher_refuses_past_its_queue_limit_with_retry_after():
     async def main():
         first = asyncio.ensure_future(batcher.submit(_images(8)))
         await asyncio.sleep(0.01)
-        with pytest.raises(ApiError) as err:
+        with pytest.raises(ConvserveError) as err:
             await batcher.submit(_images(4))
-        assert (err.value.status, err.value.code) == (503, "queue_full")
-        assert err.value.headers == {"Retry-After": "1"}
+        assert (status_of(err.value), err.value.code) == (503, "queue_full")
+        assert rest(err.value).headers == {"Retry-After": "1"}
         assert (await first).shape == (8, 10)
         assert batcher.pending_images == 0
 
@@ -115,10 +116,10 @@ def test_batcher_fails_fast_past_its_deadline():
 
     async def main():
         t0 = time.perf_counter()
-        with pytest.raises(ApiError) as err:
+        with pytest.raises(ConvserveError) as err:
             await batcher.submit(_images(1))
         assert time.perf_counter() - t0 < 0.45
-        assert (err.value.status, err.value.code) == (504, "deadline_exceeded")
+        assert (status_of(err.value), err.value.code) == (504, "deadline_exceeded")
 
     asyncio.run(main())
 
@@ -127,9 +128,12 @@ def test_batcher_reports_batch_sizes_and_queue_waits():
     seen: list[tuple[int, int]] = []
 
     class Observer:
-        def on_batch(self, images, queue_waits_s):
-            assert all(0 <= w < 5 for w in queue_waits_s)
+        def on_batch(self, images, queue_waits_s, seconds):
+            assert all(0 <= w < 5 for w in queue_waits_s) and 0 <= seconds < 5
             seen.append((images, len(queue_waits_s)))
+
+        def on_dropped(self, images, reason):
+            raise AssertionError("nothing is dropped here")
 
     batcher = _batcher(FakeSession(), observer=Observer())
     asyncio.run(batcher.submit(_images(3)))
@@ -165,11 +169,11 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def test_tensor_uint8_is_normalized_like_an_image(fashion_test):
-    from export.verify import normalize
+    from convserve.preprocess import from_pixels
 
     pixels = fashion_test.images[:3][:, None]
     x = to_model_input(read_npy(_npy(pixels)), SPEC, 64)
-    assert np.array_equal(x, normalize(fashion_test.images[:3], SPEC.mean, SPEC.std))
+    assert np.array_equal(x, from_pixels(fashion_test.images[:3], SPEC))
     raw = read_raw(pixels.tobytes(), parse_shape("3,1,28,28"), parse_dtype("uint8"))
     assert np.array_equal(to_model_input(raw, SPEC, 64), x)
 
@@ -198,13 +202,13 @@ def test_tensor_float32_big_endian_npy_keeps_its_values():
     ],
 )
 def test_bad_tensors_are_422(make):
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(ConvserveError) as err:
         to_model_input(make(), SPEC, 64)
-    assert (err.value.status, err.value.code) == (422, "invalid_tensor")
+    assert (status_of(err.value), err.value.code) == (422, "invalid_tensor")
 
 
 def test_too_many_tensor_images():
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(ConvserveError) as err:
         to_model_input(np.zeros((65, 1, 28, 28), np.float32), SPEC, 64)
     assert err.value.code == "too_many_images"
 
@@ -308,7 +312,7 @@ def test_readme_documents_every_setting():
 
 
 def test_pool_is_ready_only_after_warm_up(quick_stored):
-    from service.pool import ModelPool
+    from convserve.service.pool import ModelPool
 
     settings = ServiceSettings(models=[quick_stored[1].tag], warmup_requests=2, max_batch_size=4)
     pool = ModelPool.load(settings, None)
@@ -335,11 +339,11 @@ def test_binary_bytes_elements_and_leftover_bytes():
             ]
         }
     ).encode()
-    parsed = kserve.parse_infer_request(header + payload, str(len(header)))
+    parsed = oip.parse_infer_request(header + payload, str(len(header)))
     assert parsed.inputs[0].value == [b"ab", b"", b"xyz"]
-    with pytest.raises(ApiError, match="belong to no input"):
-        kserve.parse_infer_request(header + payload + b"extra", str(len(header)))
+    with pytest.raises(ConvserveError, match="belong to no input"):
+        oip.parse_infer_request(header + payload + b"extra", str(len(header)))
     short = struct.pack("<I", 10) + b"ab"  # claims 10 bytes, holds 2
     header = header.replace(str(len(payload)).encode(), str(len(short)).encode())
-    with pytest.raises(ApiError, match="truncated"):
-        kserve.parse_infer_request(header + short, str(len(header)))
+    with pytest.raises(ConvserveError, match="truncated"):
+        oip.parse_infer_request(header + short, str(len(header)))

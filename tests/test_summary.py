@@ -1,8 +1,8 @@
 import pytest
 
-import models
+from convserve import models
 from convserve.cli import main
-from models.summary import summarize
+from convserve.models.summary import summarize
 
 # The seed's LeNet-5 table: input 32x32x3, 8 then 16 filters of 5x5, FC 120 / 84 / 10.
 SEED_TABLE = [

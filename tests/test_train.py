@@ -3,7 +3,8 @@ import json
 import numpy as np
 import torch
 
-from models.train import augment_batch, load_checkpoint
+from convserve.models.augment import augment_batch
+from convserve.models.checkpoint import load_checkpoint
 
 
 def test_short_run_loss_falls_and_writes_its_outputs(quick_run):
@@ -43,7 +44,7 @@ def test_augmentation_is_a_shift_or_mirror_of_each_image():
 
 
 def test_seeded_training_is_reproducible(tmp_path):
-    from models.train import TrainConfig, train
+    from convserve.models.train import TrainConfig, train
 
     runs = [
         train(
@@ -59,7 +60,7 @@ def test_seeded_training_is_reproducible(tmp_path):
 
 
 def _config(tmp_path, **kw):
-    from models.train import TrainConfig
+    from convserve.models.train import TrainConfig
 
     base = {"epochs": 1, "train_limit": 1000, "test_limit": 300, "progress": False}
     return TrainConfig(out_dir=str(tmp_path), **{**base, **kw})
@@ -68,7 +69,7 @@ def _config(tmp_path, **kw):
 def test_channels_last_training_computes_the_same_model_as_nchw(tmp_path):
     # NHWC is a layout choice for speed only: the same seeded run in either layout must end
     # with the same weights, up to float rounding in the convolution kernels.
-    from models.train import train
+    from convserve.models.train import train
 
     states = []
     for layout, channels_last in (("nhwc", True), ("nchw", False)):
@@ -81,7 +82,7 @@ def test_channels_last_training_computes_the_same_model_as_nchw(tmp_path):
 
 
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
-    from models.train import train
+    from convserve.models.train import train
 
     straight = train(_config(tmp_path / "straight", epochs=2))
     train(_config(tmp_path / "split", epochs=2, stop_after=1))  # as if the job were stopped
@@ -101,7 +102,7 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
 
 
 def test_sgd_cosine_label_smoothing_and_random_erasing(tmp_path):
-    from models.train import train
+    from convserve.models.train import train
 
     result = train(
         _config(
@@ -115,7 +116,7 @@ def test_sgd_cosine_label_smoothing_and_random_erasing(tmp_path):
 
 
 def test_random_erasing_erases_rectangles_at_its_rate():
-    from models.train import random_erase
+    from convserve.models.augment import random_erase
 
     x = torch.ones(2000, 1, 28, 28)
     gen = torch.Generator().manual_seed(0)
@@ -131,7 +132,7 @@ def test_random_erasing_erases_rectangles_at_its_rate():
 def test_folder_per_class_dataset(tmp_path, fashion_test):
     from PIL import Image
 
-    from models.train import load_checkpoint, train
+    from convserve.models.train import train
 
     root = tmp_path / "data"
     classes = {0: "shirts", 1: "trousers", 9: "boots"}
@@ -153,7 +154,7 @@ def test_folder_per_class_dataset(tmp_path, fashion_test):
 
 
 def test_transfer_learning_with_a_frozen_backbone(tmp_path, quick_run):
-    from models.train import load_checkpoint, train
+    from convserve.models.train import train
 
     result = train(
         _config(

@@ -1,7 +1,8 @@
 """Peer 2: plain BentoML 1.4 with the PyTorch model, as its documentation shows: one service
 class, the model loaded in __init__, an adaptive-batching (batchable) API.
 
-    PEER_CHECKPOINT=... PEER_SPEC=... bentoml serve loadtest.peers.bentoml_torch:TorchClassifier
+    PEER_CHECKPOINT=... PEER_SPEC=... \
+        bentoml serve convserve.loadtest.peers.bentoml_torch:TorchClassifier
 
 Each request carries one image in an `images` upload, BentoML batches requests along the
 first axis (`batchable=True`, its image-classification pattern); decoding happens inside
@@ -16,7 +17,7 @@ import bentoml
 import numpy as np
 from PIL.Image import Image
 
-from loadtest.peers.common import answer, spec_from_env
+from convserve.loadtest.peers.common import answer, spec_from_env
 
 
 # Access log off, as for every server in the benchmark: the stacks are compared, not logging.
@@ -30,7 +31,7 @@ class TorchClassifier:
     def __init__(self) -> None:
         import torch
 
-        from models.train import load_checkpoint
+        from convserve.models.checkpoint import load_checkpoint
 
         torch.set_num_threads(int(os.environ.get("PEER_THREADS", "1")))
         self.torch = torch
@@ -39,9 +40,9 @@ class TorchClassifier:
 
     @bentoml.api(route="/classify", batchable=True, max_batch_size=128, max_latency_ms=2000)
     def classify(self, images: list[Image]) -> list[dict]:
-        from service.imaging import to_input
+        from convserve.preprocess import image_to_input
 
-        batch = np.stack([to_input(img, self.spec.input) for img in images])
+        batch = np.stack([image_to_input(img, self.spec.input) for img in images])
         with self.torch.inference_mode():
             probabilities = self.torch.softmax(self.model(self.torch.from_numpy(batch)), 1)
         full = answer(probabilities.numpy(), self.spec, [None] * len(images))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from models.spec import ModelSpec
-from service.imaging import preprocess
-from service.runtime import top_k
+from convserve.preprocess import from_bytes
+from convserve.runtime import top_k
+from convserve.spec import ModelSpec
 
 TOP_K = 5
 
@@ -20,7 +20,7 @@ def spec_from_env() -> ModelSpec:
 
 
 def to_batch(images: list[bytes], spec: ModelSpec) -> np.ndarray:
-    return np.stack([preprocess(data, spec.input) for data in images])  # N x C x H x W
+    return np.stack([from_bytes(data, spec.input) for data in images])  # N x C x H x W
 
 
 def answer(probabilities: np.ndarray, spec: ModelSpec, filenames: list[str | None]) -> dict:

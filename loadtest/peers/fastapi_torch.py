@@ -1,7 +1,7 @@
 """Peer 1: FastAPI + PyTorch eager, as users write it themselves.
 
     PEER_CHECKPOINT=runs/default/best.pt PEER_SPEC=spec.json \
-      uvicorn loadtest.peers.fastapi_torch:app --port 3001 --workers 1
+      uvicorn convserve.loadtest.peers.fastapi_torch:app --port 3001 --workers 1
 
 Tuning per PyTorch's CPU inference guidance: eval mode, torch.inference_mode, intra-op threads
 set to the cores given to the server (PEER_THREADS); a sync endpoint so FastAPI runs the model
@@ -15,8 +15,8 @@ import os
 import torch
 from fastapi import FastAPI, File, UploadFile
 
-from loadtest.peers.common import answer, spec_from_env, to_batch
-from models.train import load_checkpoint
+from convserve.loadtest.peers.common import answer, spec_from_env, to_batch
+from convserve.models.checkpoint import load_checkpoint
 
 torch.set_num_threads(int(os.environ.get("PEER_THREADS", "1")))
 model, _ = load_checkpoint(os.environ["PEER_CHECKPOINT"])

@@ -1,7 +1,8 @@
 """Peer 3: LitServe with ONNX Runtime, as LitServe's documentation shows: a LitAPI with
 setup / decode_request / batch / predict / encode_response, dynamic batching on.
 
-    PEER_ONNX=model.onnx PEER_SPEC=spec.json python -m loadtest.peers.litserve_ort --port 3003
+    PEER_ONNX=model.onnx PEER_SPEC=spec.json \
+        python -m convserve.loadtest.peers.litserve_ort --port 3003
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import litserve as ls
 import numpy as np
 import onnxruntime as ort
 
-from loadtest.peers.common import answer, spec_from_env, to_batch
+from convserve.loadtest.peers.common import answer, spec_from_env, to_batch
 
 
 class OrtClassifier(ls.LitAPI):

@@ -1,8 +1,8 @@
 """The Open Inference Protocol (KServe v2, as Triton and MLServer speak it) over REST.
 
-Wire format only: parse an inference request (JSON, or JSON followed by binary tensors with
-`Inference-Header-Content-Length`), and build the response. Inference itself goes through
-the same preprocessing and batcher as /classify (service.py).
+Routes and wire format together: parse an inference request (JSON, or JSON followed by binary
+tensors with `Inference-Header-Content-Length`), run it through the same request path as
+/classify (decoding, limits, batcher), build the response. Errors are `{"error": "<message>"}`.
 
 One input per request, named as the model's input (`input`):
   FP32  [N, C, H, W]  normalized, as the model takes it
@@ -15,8 +15,7 @@ BYTES [N, k] of "<probability>:<index>:<label>", most likely first.
 
 from __future__ import annotations
 
-import base64
-import binascii
+import importlib.metadata
 import json
 import math
 import struct
@@ -24,10 +23,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.errors import ApiError
-from service.runtime import top_k
+from convserve.errors import InvalidInput
+from convserve.runtime import top_k
+from convserve.service.inference import current
+from convserve.service.pool import ServedModel
+from convserve.service.rest import documented_errors
+from convserve.service.tensors import to_model_input
+from convserve.service.wire import decode_base64
 
 OUTPUT_NAME = "probabilities"
 PLATFORM = "onnxruntime_onnx"
@@ -40,8 +46,8 @@ KNOWN_DATATYPES = {
 }  # fmt: skip
 
 
-def bad_request(message: str) -> ApiError:
-    return ApiError(400, "invalid_request", message)
+def bad_request(message: str) -> InvalidInput:
+    return InvalidInput("invalid_request", message)
 
 
 class _Tensor(BaseModel):
@@ -128,10 +134,7 @@ def _flatten(data: Any) -> list:
 def _b64(text: Any, name: str) -> bytes:
     if not isinstance(text, str):
         raise bad_request(f"input {name!r}: BYTES elements in JSON must be base64 strings")
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad_request(f"input {name!r}: a BYTES element is not valid base64") from None
+    return decode_base64(text, f"input {name!r}: a BYTES element")
 
 
 def _decode_input(tensor: _Tensor, binary: bytes, offset: int) -> tuple[InferInput, int]:
@@ -267,3 +270,170 @@ def build_response(
     if not blobs:
         return header, None
     return header + b"".join(blobs), len(header)
+
+
+# --- routes --------------------------------------------------------------------------------
+
+router = APIRouter(prefix="/v2", tags=["v2"])
+INFER_ERRORS = documented_errors(400, 404, 413, 503, 504)
+# A request carries one input: `input` (FP32 or UINT8 [N, C, H, W], or BYTES), or `image`
+# (BYTES [N]: encoded images). Metadata lists both, so a client that reads it finds the
+# encoded-image form as well as the tensor form.
+IMAGE_INPUT = "image"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("convserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
+
+
+def _metadata(request: Request, name: str, version: str | None) -> dict:
+    pool = current(request).pool
+    served = pool.get(name, version)
+    spec = served.spec
+    versions = [m.stored.version for m in pool.models if m.stored.name == name]
+    return {
+        "name": name,
+        "versions": versions if version is None else [served.stored.version],
+        "platform": PLATFORM,
+        "inputs": [
+            {
+                "name": served.classifier.input_name,
+                "datatype": "FP32",
+                "shape": [-1, *spec.input.shape(1)[1:]],
+            },
+            {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
+        ],
+        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, spec.num_classes]}],
+    }
+
+
+def _ready(request: Request, name: str, version: str | None) -> JSONResponse:
+    inference = current(request)
+    inference.pool.get(name, version)
+    ready = inference.pool.ready
+    return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
+
+
+@router.get("", summary="Open Inference Protocol: server metadata")
+async def server_metadata() -> dict:
+    return {"name": "convserve", "version": _version(), "extensions": EXTENSIONS}
+
+
+@router.get("/health/live", summary="Open Inference Protocol: liveness")
+async def live() -> dict:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="Open Inference Protocol: readiness")
+async def ready(request: Request) -> JSONResponse:
+    is_ready = current(request).pool.ready
+    return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+
+@router.get("/models/{name}", summary="Open Inference Protocol: model metadata")
+async def model_metadata(request: Request, name: str) -> dict:
+    return _metadata(request, name, None)
+
+
+@router.get("/models/{name}/versions/{version}")
+async def model_version_metadata(request: Request, name: str, version: str) -> dict:
+    return _metadata(request, name, version)
+
+
+@router.get("/models/{name}/ready")
+async def model_ready(request: Request, name: str) -> JSONResponse:
+    return _ready(request, name, None)
+
+
+@router.get("/models/{name}/versions/{version}/ready")
+async def model_version_ready(request: Request, name: str, version: str) -> JSONResponse:
+    return _ready(request, name, version)
+
+
+@router.get("/models/{name}/config", summary="Triton-style model configuration")
+async def model_config(request: Request, name: str) -> dict:
+    inference = current(request)
+    served = inference.pool.get(name, None)
+    spec = served.spec
+    return {
+        "name": name,
+        "platform": PLATFORM,
+        "max_batch_size": inference.settings.max_images_per_request,
+        "input": [
+            {
+                "name": served.classifier.input_name,
+                "data_type": "TYPE_FP32",
+                "dims": list(spec.input.shape(1)[1:]),
+            },
+            {"name": IMAGE_INPUT, "data_type": "TYPE_STRING", "dims": [1]},
+        ],
+        "output": [
+            {
+                "name": OUTPUT_NAME,
+                "data_type": "TYPE_FP32",
+                "dims": [spec.num_classes],
+                "label_filename": "",
+            }
+        ],
+        "dynamic_batching": {
+            "max_queue_delay_microseconds": inference.settings.max_latency_ms * 1000
+        },
+    }
+
+
+@router.post(
+    "/models/{name}/infer",
+    summary="Open Inference Protocol: inference (JSON or binary tensor data)",
+    responses=INFER_ERRORS,
+)
+async def infer(request: Request, name: str) -> Response:
+    return await _infer(request, name, None)
+
+
+@router.post("/models/{name}/versions/{version}/infer", responses=INFER_ERRORS)
+async def infer_version(request: Request, name: str, version: str) -> Response:
+    return await _infer(request, name, version)
+
+
+async def _model_input(request: Request, served: ServedModel, tensor: InferInput) -> np.ndarray:
+    """The one input tensor as N x C x H x W float32 for `served`."""
+    inference = current(request)
+    if tensor.datatype != "BYTES":
+        limit = inference.settings.max_images_per_request
+        return to_model_input(np.asarray(tensor.value), served.spec.input, limit)
+    if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
+        raise bad_request(f"BYTES input shape must be [N] or [N, 1]; got {list(tensor.shape)}")
+    inference.check_count(len(tensor.value))
+    return await inference.decode(served, [(None, data) for data in tensor.value])
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
+    inference = current(request)
+    served = inference.pool.get(name, version)
+    parsed = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
+    input_name = served.classifier.input_name
+    names = [i.name for i in parsed.inputs]
+    if len(names) != 1 or names[0] not in (input_name, IMAGE_INPUT):
+        raise bad_request(
+            f"send one input, {input_name!r} (a tensor or BYTES) or {IMAGE_INPUT!r} "
+            f"(encoded images, BYTES); got {names}"
+        )
+    if names[0] == IMAGE_INPUT and parsed.inputs[0].datatype != "BYTES":
+        raise bad_request(f"input {IMAGE_INPUT!r} is BYTES: encoded images")
+    batch = await _model_input(request, served, parsed.inputs[0])
+    probabilities = await inference.probabilities(served, batch)
+    body, header_length = build_response(
+        model_name=name,
+        model_version=served.stored.version,
+        request=parsed,
+        probabilities=probabilities,
+        labels=served.spec.labels,
+    )
+    if header_length is None:
+        return Response(body, media_type="application/json")
+    return Response(
+        body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)}
+    )

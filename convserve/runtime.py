@@ -1,9 +1,12 @@
-"""ONNX Runtime sessions: explicit options, checked providers, logits -> top-k predictions."""
+"""The one ONNX Runtime session factory (explicit options, checked providers) and what turns
+logits into answers (softmax, top-k). Everything that runs a model file comes through here:
+the service, export's parity check and known answer, INT8 calibration, the benchmarks."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -24,7 +27,7 @@ class ProviderError(Exception):
 
 @dataclass(frozen=True)
 class SessionConfig:
-    intra_op_threads: int
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default, one per physical core
     inter_op_threads: int = 1
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     allow_provider_fallback: bool = False
@@ -43,7 +46,9 @@ def check_providers_available(config: SessionConfig) -> None:
         )
 
 
-def make_session(model_path: str, config: SessionConfig) -> ort.InferenceSession:
+def make_session(
+    model_path: str | Path, config: SessionConfig = SessionConfig()
+) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = config.intra_op_threads
     options.inter_op_num_threads = config.inter_op_threads
@@ -55,7 +60,7 @@ def make_session(model_path: str, config: SessionConfig) -> ort.InferenceSession
     check_providers_available(config)
     available = [p for p in config.providers if p in ort.get_available_providers()]
     session = ort.InferenceSession(
-        model_path, sess_options=options, providers=available or ["CPUExecutionProvider"]
+        str(model_path), sess_options=options, providers=available or ["CPUExecutionProvider"]
     )
     # ORT silently drops a provider that fails to initialise (no GPU, wrong CUDA): look.
     active = session.get_providers()

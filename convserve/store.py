@@ -1,6 +1,6 @@
 """The BentoML model store: one ONNX file plus its spec per version, `latest` the newest.
 
-Torch-free: the service reads the store through this module.
+Torch-free: export writes the store and the service reads it through this module.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
-import onnxruntime as ort
 
-from models.spec import ModelSpec
+from convserve.runtime import make_session
+from convserve.spec import ModelSpec
 
 MODEL_FILE = "model.onnx"
 SPEC_FILE = "spec.json"
@@ -57,13 +57,9 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def store_name(spec: ModelSpec, dataset: str = "fashion") -> str:
-    return f"{dataset}-{spec.architecture}"
-
-
 def known_answer(onnx_path: str | Path, inputs: np.ndarray) -> np.ndarray:
     """Logits of `inputs` (N x C x H x W float32) from a plain CPU session of the file."""
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = make_session(onnx_path)
     (logits,) = session.run(None, {session.get_inputs()[0].name: inputs})
     return logits
 

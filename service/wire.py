@@ -1,0 +1,34 @@
+"""Wire-level decoding both protocols share: base64 image data and the media type of a body."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from convserve.errors import InvalidInput
+
+
+def decode_base64(text: str, what: str) -> bytes:
+    """Image bytes from base64 as clients send it: standard or URL-safe alphabet, padding
+    optional, line breaks allowed, or a `data:...;base64,` URL. A URL is refused, never fetched.
+    `what` names the item in the error (`images[2]`, `input 'input'`)."""
+    text = text.strip()
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if not header.endswith(";base64"):
+            raise InvalidInput("invalid_base64", f"{what}: data URL is not base64")
+    if "://" in text[:16]:
+        raise InvalidInput(
+            "invalid_base64",
+            f"{what} looks like a URL; send the image's bytes (URLs are never fetched)",
+        )
+    compact = "".join(text.split()).replace("-", "+").replace("_", "/")
+    try:
+        return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput("invalid_base64", f"{what} is not valid base64-encoded data") from None
+
+
+def media_type(content_type: str | None) -> str:
+    """`multipart/form-data; boundary=...` -> `multipart/form-data`."""
+    return (content_type or "").split(";")[0].strip().lower()
