@@ -219,12 +219,14 @@ class Sampler:
         self._thread.join()
 
 
-def _start(server: Server, env: dict[str, str], prefix: list[str], log: Path) -> tuple:
+def _start(
+    server: Server, env: dict[str, str], prefix: list[str], log: Path, cwd: str | None = None
+) -> tuple:
     port = _free_port()
     cmd = [*prefix, *(c.replace("{port}", str(port)) for c in server.command)]
     proc = subprocess.Popen(
         cmd,
-        cwd=ROOT,
+        cwd=cwd or ROOT,
         env={**os.environ, **env, **server.env},
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,

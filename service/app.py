@@ -13,15 +13,18 @@ Lifecycle:
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import bentoml
 from fastapi import FastAPI
+from fastapi.responses import Response
 
 from convserve.service import errors, oip, rest
-from convserve.service.admission import AdmissionLimits, AdmissionMiddleware
+from convserve.service.admission import Admission, AdmissionMiddleware
+from convserve.service.hotpath import HotPath, template_of
 from convserve.service.inference import Inference
-from convserve.service.metrics import service_metrics
+from convserve.service.metrics import RequestMetrics, exposition, service_metrics
 from convserve.service.pool import ModelPool, StartupError, preflight
 from convserve.service.settings import ServiceSettings
 
@@ -43,21 +46,45 @@ app.include_router(rest.router)
 app.include_router(oip.router)
 
 
-def _access_log() -> bool:
+@app.get("/metrics", include_in_schema=False)
+def metrics() -> Response:
+    """Prometheus: convserve's metrics (BentoML's request metrics are off, see below)."""
+    body, media_type = exposition()
+    return Response(body, media_type=media_type)
+
+
+def _definition_settings() -> ServiceSettings:
+    """Settings read when the service is defined (BentoML takes its configuration then).
+    Invalid ones fall back to defaults here; verify_models reports them and stops start-up."""
     try:
-        return ServiceSettings().access_log
+        return ServiceSettings()
     except ValueError:
-        return False
+        return ServiceSettings.model_construct()
+
+
+_defined = _definition_settings()
+
+
+def _tracing(sample_rate: float) -> dict:
+    """OpenTelemetry's middleware costs about a quarter of a millisecond per request even when
+    it samples nothing, so requests skip it unless the operator asks for traces."""
+    if sample_rate > 0:
+        return {"sample_rate": sample_rate}
+    return {"excluded_urls": [".*"]}
 
 
 @bentoml.service(
     name="convserve",
-    workers=1,
+    workers=_defined.workers,
+    # BentoML's per-request deadline; convserve's own (CONVSERVE_REQUEST_TIMEOUT_MS) is shorter.
     traffic={"timeout": 60},
-    # Read when the service is defined; invalid settings are reported by verify_models.
-    logging={"access": {"enabled": _access_log()}},
+    # BentoML's request metrics label by raw path (unbounded on junk URLs) and cost a
+    # middleware per request; convserve keeps its own, bounded ones (metrics.py).
+    metrics={"enabled": False},
+    tracing=_tracing(_defined.trace_sample_rate),
+    logging={"access": {"enabled": _defined.access_log}},
 )
-@bentoml.asgi_app(app, path="/")
+@bentoml.asgi_app(RequestMetrics(HotPath(app), template_of), path="/")
 class Classifier:
     @bentoml.on_deployment
     def verify_models() -> None:
@@ -77,23 +104,29 @@ class Classifier:
             raise SystemExit(f"convserve cannot start: {exc}") from None
         # The routes reach this worker's models through the app they are mounted in.
         app.state.inference = Inference.create(self.settings, self.pool)
-        app.state.admission = AdmissionLimits(
+        app.state.admission = Admission(
             max_body_bytes=self.settings.max_body_bytes,
             max_in_flight=self.settings.max_in_flight,
-            on_reject=lambda code: self.metrics.rejected.labels(code=code).inc(),
+            on_reject=lambda code: self.metrics.rejected.labels(code).inc(),
         )
         app.state.on_error = app.state.admission.on_reject
         for served in self.pool.models:
             log.info(
-                "serving %s (%s) on %s",
+                "serving %s (%s) on %s, %d intra-op thread(s)",
                 served.stored.tag,
                 served.spec.architecture,
                 served.classifier.provider,
+                self.settings.intra_op_threads,
             )
 
     @bentoml.on_startup
     async def warm_up(self) -> None:
         await self.pool.warm_up(self.settings)
+        # Everything alive now (models, sessions, the app) lives for the whole process: moved
+        # out of the collector's generations, full collections stop walking it, and the pauses
+        # they caused in the p99 go with them.
+        gc.collect()
+        gc.freeze()
         log.info("warm-up done; ready")
 
     def __is_ready__(self) -> bool:

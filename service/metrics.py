@@ -1,60 +1,86 @@
-"""Prometheus metrics the service adds to BentoML's own on /metrics."""
+"""Prometheus metrics: convserve's own, on /metrics, every label from a bounded set.
+
+Requests are labelled by route template (`/v2/models/{name}/infer`, or `unmatched`), never by
+raw path, so junk URLs cannot grow the output. Batching is measured where it happens: images
+per ONNX Runtime call, time in the queue, time of the call, images dropped before it.
+
+`prometheus_client` is imported when the worker creates its metrics, after BentoML has set
+PROMETHEUS_MULTIPROC_DIR, so every worker writes to the shared files /metrics reads.
+"""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import bentoml
+from starlette.routing import Mount
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 class ServiceMetrics:
     def __init__(self) -> None:
-        self.batch_size = bentoml.metrics.Histogram(
-            name="convserve_batch_size_images",
-            documentation="images per ONNX Runtime call (adaptive batching counts images)",
-            labelnames=["model"],
+        import prometheus_client as prom  # here, not at import: see the module docstring
+
+        model = ["model", "version"]
+        self.batch_size = prom.Histogram(
+            "convserve_batch_size_images",
+            "images per ONNX Runtime call (adaptive batching counts images)",
+            model,
             buckets=BATCH_BUCKETS,
         )
-        self.queue_wait = bentoml.metrics.Histogram(
-            name="convserve_queue_wait_seconds",
-            documentation="time a request's images waited in the batcher before inference",
-            labelnames=["model"],
-            buckets=WAIT_BUCKETS,
+        self.queue_wait = prom.Histogram(
+            "convserve_queue_wait_seconds",
+            "time a request's images waited in the batcher before inference",
+            model,
+            buckets=SECONDS_BUCKETS,
         )
-        self.inference = bentoml.metrics.Histogram(
-            name="convserve_inference_seconds",
-            documentation="time of one ONNX Runtime call (one batch)",
-            labelnames=["model"],
-            buckets=WAIT_BUCKETS,
+        self.inference = prom.Histogram(
+            "convserve_inference_seconds",
+            "time of one ONNX Runtime call (one batch)",
+            model,
+            buckets=SECONDS_BUCKETS,
         )
-        self.dropped = bentoml.metrics.Counter(
-            name="convserve_dropped_images_total",
-            documentation="images never run: their client went away (cancelled), their "
-            "deadline passed (expired), or the queue could not meet the latency budget",
-            labelnames=["model", "reason"],
+        self.dropped = prom.Counter(
+            "convserve_dropped_images_total",
+            "images never run: their client went away (cancelled), their deadline passed "
+            "(expired), or the queue could not meet the latency budget (overloaded)",
+            [*model, "reason"],
         )
-        self.rejected = bentoml.metrics.Counter(
-            name="convserve_rejected_requests_total",
-            documentation="requests answered with an error, by error code",
-            labelnames=["code"],
+        self.rejected = prom.Counter(
+            "convserve_rejected_requests_total",
+            "requests answered with an error, by error code",
+            ["code"],
+        )
+        self.requests = prom.Counter(
+            "convserve_requests_total",
+            "HTTP requests by route template, method and status",
+            ["route", "method", "status"],
+        )
+        self.duration = prom.Histogram(
+            "convserve_request_duration_seconds",
+            "HTTP request time, from its first byte read to its last byte written",
+            ["route"],
+            buckets=SECONDS_BUCKETS,
         )
 
-    def observer(self, model: str) -> BatchMetrics:
-        return BatchMetrics(self, model)
+    def observer(self, tag: str) -> BatchMetrics:
+        return BatchMetrics(self, *tag.split(":", 1))
 
 
 class BatchMetrics:
-    """The batcher's observer for one model."""
+    """The batcher's observer for one model version."""
 
-    def __init__(self, metrics: ServiceMetrics, model: str) -> None:
-        self._metrics, self._model = metrics, model
-        self._size = metrics.batch_size.labels(model=model)
-        self._wait = metrics.queue_wait.labels(model=model)
-        self._inference = metrics.inference.labels(model=model)
+    def __init__(self, metrics: ServiceMetrics, model: str, version: str) -> None:
+        self._dropped, self._labels = metrics.dropped, (model, version)
+        self._size = metrics.batch_size.labels(model, version)
+        self._wait = metrics.queue_wait.labels(model, version)
+        self._inference = metrics.inference.labels(model, version)
 
     def on_batch(self, images: int, queue_waits_s: Sequence[float], seconds: float) -> None:
         self._size.observe(images)
@@ -63,11 +89,62 @@ class BatchMetrics:
             self._wait.observe(wait)
 
     def on_dropped(self, images: int, reason: str) -> None:
-        self._metrics.dropped.labels(model=self._model, reason=reason).inc(images)
+        self._dropped.labels(*self._labels, reason).inc(images)
 
 
 @functools.cache
 def service_metrics() -> ServiceMetrics:
-    # Prometheus collectors are registered once per process; a second service instance in the
-    # same process (in-process tests) shares them.
+    # Collectors register once per process; a second service instance in the same process
+    # (in-process tests) shares them.
     return ServiceMetrics()
+
+
+def exposition() -> tuple[bytes, str]:
+    """The /metrics body: every worker's values when BentoML runs several (multiprocess mode)."""
+    import prometheus_client as prom
+    from prometheus_client import multiprocess
+
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        registry = prom.CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = prom.REGISTRY
+    return prom.generate_latest(registry), prom.CONTENT_TYPE_LATEST
+
+
+class RequestMetrics:
+    """ASGI: counts every HTTP request by route template, method and status, and times it.
+    `route_of(scope)` names the routes answered before FastAPI routes them (the raw path);
+    FastAPI's own routes are found in the scope after routing."""
+
+    def __init__(self, app: ASGIApp, route_of: Callable[[Scope], str | None]) -> None:
+        self.app = app
+        self.route_of = route_of
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # if the app fails before answering
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = self.route_of(scope) or _template(scope)
+            metrics = service_metrics()
+            metrics.requests.labels(route, scope["method"], str(status)).inc()
+            metrics.duration.labels(route).observe(time.perf_counter() - started)
+
+
+def _template(scope: Scope) -> str:
+    route: Any = scope.get("route")
+    if route is None or isinstance(route, Mount):  # BentoML's mount of the app, no route of ours
+        return "unmatched"
+    return getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"

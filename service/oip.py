@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from convserve.errors import InvalidInput
 from convserve.runtime import top_k
-from convserve.service.inference import current
+from convserve.service.inference import Inference, current
 from convserve.service.pool import ServedModel
 from convserve.service.rest import documented_errors
 from convserve.service.tensors import to_model_input
@@ -384,23 +384,8 @@ async def model_config(request: Request, name: str) -> dict:
     }
 
 
-@router.post(
-    "/models/{name}/infer",
-    summary="Open Inference Protocol: inference (JSON or binary tensor data)",
-    responses=INFER_ERRORS,
-)
-async def infer(request: Request, name: str) -> Response:
-    return await _infer(request, name, None)
-
-
-@router.post("/models/{name}/versions/{version}/infer", responses=INFER_ERRORS)
-async def infer_version(request: Request, name: str, version: str) -> Response:
-    return await _infer(request, name, version)
-
-
-async def _model_input(request: Request, served: ServedModel, tensor: InferInput) -> np.ndarray:
+async def _model_input(inference: Inference, served: ServedModel, tensor: InferInput) -> np.ndarray:
     """The one input tensor as N x C x H x W float32 for `served`."""
-    inference = current(request)
     if tensor.datatype != "BYTES":
         limit = inference.settings.max_images_per_request
         return to_model_input(np.asarray(tensor.value), served.spec.input, limit)
@@ -410,10 +395,13 @@ async def _model_input(request: Request, served: ServedModel, tensor: InferInput
     return await inference.decode(served, [(None, data) for data in tensor.value])
 
 
-async def _infer(request: Request, name: str, version: str | None) -> Response:
-    inference = current(request)
+async def infer(
+    inference: Inference, name: str, version: str | None, header_length: str | None, body: bytes
+) -> tuple[bytes, int | None]:
+    """An inference request, whole: the response body, and the JSON header's length when
+    binary data follows it. Raw ASGI (`hotpath.py`) and the routes below both call this."""
     served = inference.pool.get(name, version)
-    parsed = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
+    parsed = parse_infer_request(body, header_length)
     input_name = served.classifier.input_name
     names = [i.name for i in parsed.inputs]
     if len(names) != 1 or names[0] not in (input_name, IMAGE_INPUT):
@@ -423,17 +411,40 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         )
     if names[0] == IMAGE_INPUT and parsed.inputs[0].datatype != "BYTES":
         raise bad_request(f"input {IMAGE_INPUT!r} is BYTES: encoded images")
-    batch = await _model_input(request, served, parsed.inputs[0])
+    batch = await _model_input(inference, served, parsed.inputs[0])
     probabilities = await inference.probabilities(served, batch)
-    body, header_length = build_response(
+    return build_response(
         model_name=name,
         model_version=served.stored.version,
         request=parsed,
         probabilities=probabilities,
         labels=served.spec.labels,
     )
+
+
+def infer_response(body: bytes, header_length: int | None) -> Response:
     if header_length is None:
         return Response(body, media_type="application/json")
     return Response(
         body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)}
     )
+
+
+# Served by the raw ASGI path in the running service; these routes document the operation and
+# answer it the same way wherever the app runs without that path.
+@router.post(
+    "/models/{name}/infer",
+    summary="Open Inference Protocol: inference (JSON or binary tensor data)",
+    responses=INFER_ERRORS,
+)
+async def infer_route(request: Request, name: str) -> Response:
+    header_length = request.headers.get(HEADER_LENGTH)
+    body = await request.body()
+    return infer_response(*await infer(current(request), name, None, header_length, body))
+
+
+@router.post("/models/{name}/versions/{version}/infer", responses=INFER_ERRORS)
+async def infer_version_route(request: Request, name: str, version: str) -> Response:
+    header_length = request.headers.get(HEADER_LENGTH)
+    body = await request.body()
+    return infer_response(*await infer(current(request), name, version, header_length, body))

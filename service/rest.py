@@ -1,33 +1,35 @@
 """The REST protocol: `POST /classify`, `POST /classify/tensor`, `GET /models`.
 
-Bodies are parsed here (multipart, JSON with base64, .npy or raw tensors), then go through the
-shared request path (`inference.py`); answers are `ClassifyResponse`, errors the REST error body.
+Bodies are parsed here (multipart, an image as the body, JSON with base64, .npy or raw
+tensors), then go through the shared request path (`inference.py`); answers are the
+`ClassifyResponse` JSON, errors the REST error body. `classify()` is the whole of POST
+/classify on plain bytes, so the raw ASGI path (`hotpath.py`) and the documented FastAPI route
+run the same code.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
+from urllib.parse import parse_qsl
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
 
 from convserve.errors import InvalidInput
 from convserve.runtime import top_k
-from convserve.service.errors import ErrorResponse
+from convserve.service import multipart
+from convserve.service.errors import ErrorResponse, describe
 from convserve.service.inference import Inference, Upload, current
 from convserve.service.pool import ServedModel
 from convserve.service.schemas import (
     ClassifyJsonRequest,
     ClassifyResponse,
     EncodedImage,
-    ImageResult,
     ModelsResponse,
     ModelVersion,
-    Prediction,
     ServedModelInfo,
 )
 from convserve.service.tensors import parse_dtype, parse_shape, read_npy, read_raw, to_model_input
@@ -65,25 +67,24 @@ MULTIPART_SCHEMA = {
 }
 
 
-def classify_response(
+def classify_payload(
     served: ServedModel, probabilities: np.ndarray, k: int, names: list[str | None]
-) -> ClassifyResponse:
-    """probabilities: N x classes -> each image's top-k, most likely first, in order sent."""
+) -> bytes:
+    """probabilities: N x classes -> the ClassifyResponse JSON: each image's top-k, most likely
+    first, in the order sent. Built as plain data and serialized once."""
     indices, probs = top_k(probabilities, k)
     labels = served.spec.labels
-    return ClassifyResponse(
-        model=served.stored.tag,
-        results=[
-            ImageResult(
-                filename=name,
-                predictions=[
-                    Prediction(label=labels[int(j)], index=int(j), probability=float(p))
-                    for j, p in zip(row_i, row_p, strict=True)
-                ],
-            )
-            for name, row_i, row_p in zip(names, indices, probs, strict=True)
-        ],
-    )
+    results = [
+        {
+            "filename": name,
+            "predictions": [
+                {"label": labels[j], "index": j, "probability": p}
+                for j, p in zip(row_i, row_p, strict=True)
+            ],
+        }
+        for name, row_i, row_p in zip(names, indices.tolist(), probs.tolist(), strict=True)
+    ]
+    return json.dumps({"model": served.stored.tag, "results": results}).encode()
 
 
 def _same_or_conflict(name: str, query: object, body: object) -> object:
@@ -94,82 +95,119 @@ def _same_or_conflict(name: str, query: object, body: object) -> object:
     return query if query is not None else body
 
 
-async def _form_images(request: Request, inference: Inference) -> list[Upload]:
+def _query(query_string: bytes) -> tuple[int | None, str | None, str | None]:
+    """top_k, model and version from the query string (the last of repeated ones)."""
+    query = dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
+    top_k_text = query.get("top_k")
+    k = None
+    if top_k_text is not None:
+        try:
+            k = int(top_k_text)
+        except ValueError:
+            raise InvalidInput("invalid_request", "top_k: must be an integer") from None
+        if k < 1:
+            raise InvalidInput("invalid_request", "top_k: must be at least 1")
+    return k, query.get("model"), query.get("version")
+
+
+def _form_images(body: bytes, content_type: str, inference: Inference) -> list[Upload]:
     limit = inference.settings.max_images_per_request
-    try:
-        form = await request.form(max_files=limit + 1)
-    except MultiPartException as exc:
-        if "Too many files" in str(exc):
-            raise InvalidInput("too_many_images", f"at most {limit} images per request") from None
-        raise InvalidInput("malformed_body", "the multipart body could not be parsed") from None
-    try:
-        parts = form.getlist("images")
-        if any(not isinstance(p, UploadFile) for p in parts):
-            raise InvalidInput(
-                "invalid_request",
-                "images: must be an uploaded file (text and URLs are not accepted)",
-            )
-        inference.check_count(len(parts))
-        return [(p.filename, await p.read()) for p in parts]  # type: ignore[union-attr]
-    finally:
-        await form.close()
+    if media_type(content_type) == "application/x-www-form-urlencoded":  # no files possible
+        fields = [name for name, _ in parse_qsl(body.decode("latin-1"), keep_blank_values=True)]
+        parts = [multipart.Part(name, None, b"") for name in fields]
+    else:
+        parts = multipart.split(body, content_type, max_files=limit + 1)
+    images = [p for p in parts if p.name == "images"]
+    if any(p.filename is None for p in images):
+        raise InvalidInput(
+            "invalid_request", "images: must be an uploaded file (text and URLs are not accepted)"
+        )
+    inference.check_count(len(images))
+    return [(p.filename, p.data) for p in images]
 
 
-@router.post(
-    "/classify",
-    response_model=ClassifyResponse,
-    responses=INFERENCE_ERRORS,
-    summary="Classify images: multipart upload or JSON with base64",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {"schema": MULTIPART_SCHEMA},
-                "application/json": {
-                    "schema": ClassifyJsonRequest.model_json_schema(
-                        ref_template="#/components/schemas/{model}"
-                    )
-                },
-            },
-        }
-    },
-)
 async def classify(
-    request: Request,
-    top_k_: Annotated[
-        int | None, Query(alias="top_k", ge=1, description="predictions per image (default 5)")
-    ] = None,
-    model: Annotated[str | None, Query(description="model name (default model if absent)")] = None,
-    version: Annotated[str | None, Query(description="model version, or 'latest'")] = None,
-) -> ClassifyResponse:
-    inference = current(request)
-    kind = media_type(request.headers.get("content-type"))
+    inference: Inference, query_string: bytes, content_type: str | None, body: bytes
+) -> bytes:
+    """POST /classify, whole: the ClassifyResponse JSON, or a domain error."""
+    top_k_, model, version = _query(query_string)
+    kind = media_type(content_type)
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
         served, k = inference.resolve(model, version, top_k_)
-        images = await _form_images(request, inference)
+        images = _form_images(body, content_type or "", inference)
+    elif kind.startswith("image/"):  # the image itself as the body (curl --data-binary)
+        served, k = inference.resolve(model, version, top_k_)
+        images = [(None, body)]
     elif kind == "application/json":
         try:
-            body = ClassifyJsonRequest.model_validate_json(await request.body())
+            request = ClassifyJsonRequest.model_validate_json(body)
         except ValidationError as exc:
-            raise RequestValidationError(exc.errors(include_input=False)) from None
+            problems = "; ".join(describe(e) for e in exc.errors(include_input=False))
+            raise InvalidInput("invalid_request", problems or "invalid JSON body") from None
         served, k = inference.resolve(
-            _same_or_conflict("model", model, body.model),  # type: ignore[arg-type]
-            _same_or_conflict("version", version, body.version),  # type: ignore[arg-type]
-            _same_or_conflict("top_k", top_k_, body.top_k),  # type: ignore[arg-type]
+            _same_or_conflict("model", model, request.model),  # type: ignore[arg-type]
+            _same_or_conflict("version", version, request.version),  # type: ignore[arg-type]
+            _same_or_conflict("top_k", top_k_, request.top_k),  # type: ignore[arg-type]
         )
-        inference.check_count(len(body.images))
-        items = [EncodedImage(data=i) if isinstance(i, str) else i for i in body.images]
+        inference.check_count(len(request.images))
+        items = [EncodedImage(data=i) if isinstance(i, str) else i for i in request.images]
         images = [
             (it.filename, decode_base64(it.data, f"images[{n}]")) for n, it in enumerate(items)
         ]
     else:
         raise InvalidInput(
             "unsupported_media_type",
-            "send multipart/form-data with `images` parts, or application/json",
+            "send multipart/form-data with `images` parts, an image as the body (image/png, "
+            "image/jpeg, image/webp, image/gif), or application/json",
         )
     batch = await inference.decode(served, images)
     probabilities = await inference.probabilities(served, batch)
-    return classify_response(served, probabilities, k, [name for name, _ in images])
+    return classify_payload(served, probabilities, k, [name for name, _ in images])
+
+
+QUERY_PARAMETERS = [
+    {"name": "top_k", "in": "query", "required": False, "description":
+     "predictions per image (default 5)", "schema": {"type": "integer", "minimum": 1}},
+    {"name": "model", "in": "query", "required": False, "description":
+     "model name (default model if absent)", "schema": {"type": "string"}},
+    {"name": "version", "in": "query", "required": False, "description":
+     "model version, or 'latest'", "schema": {"type": "string"}},
+]  # fmt: skip
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+@router.post(
+    "/classify",
+    response_model=None,
+    responses={200: {"model": ClassifyResponse, "description": "one result per image"},
+               **INFERENCE_ERRORS},
+    summary="Classify images: multipart upload, the image as the body, or JSON with base64",
+    openapi_extra={
+        "parameters": QUERY_PARAMETERS,
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": MULTIPART_SCHEMA},
+                **{f"image/{kind}": BINARY for kind in ("png", "jpeg", "webp", "gif")},
+                "application/json": {
+                    "schema": ClassifyJsonRequest.model_json_schema(
+                        ref_template="#/components/schemas/{model}"
+                    )
+                },
+            },
+        },
+    },
+)  # fmt: skip
+async def classify_route(request: Request) -> Response:
+    """Served by the raw ASGI path (`hotpath.py`) in the running service; this route documents
+    the operation and answers it the same way wherever the app runs without that path."""
+    payload = await classify(
+        current(request),
+        request.scope["query_string"],
+        request.headers.get("content-type"),
+        await request.body(),
+    )
+    return Response(payload, media_type="application/json")
 
 
 @router.post(
@@ -222,7 +260,8 @@ async def classify_tensor(
         )
     batch = to_model_input(array, served.spec.input, inference.settings.max_images_per_request)
     probabilities = await inference.probabilities(served, batch)
-    return classify_response(served, probabilities, k, [None] * len(batch))
+    payload = classify_payload(served, probabilities, k, [None] * len(batch))
+    return Response(payload, media_type="application/json")  # type: ignore[return-value]
 
 
 @router.get("/models", response_model=ModelsResponse, summary="Served models and versions")

@@ -52,6 +52,12 @@ class ServiceSettings(BaseSettings):
         min_length=1,
         description="model store tags to serve, comma-separated; the first is the default model",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        description="BentoML worker processes; each loads its own sessions, and the ONNX "
+        "Runtime threads are divided among them",
+    )
     max_batch_size: int = Field(
         128, ge=1, description="most images one ONNX Runtime call receives (adaptive batching)"
     )
@@ -105,9 +111,10 @@ class ServiceSettings(BaseSettings):
         "logged and shown by GET /models)",
     )
     intra_op_threads: int = Field(
-        default_factory=_available_cores,
+        default_factory=lambda data: max(1, _available_cores() // data.get("workers", 1)),
         ge=1,
-        description="ONNX Runtime threads per operator (default: the cores this process may use)",
+        description="ONNX Runtime threads per operator, per worker (default: usable cores / "
+        "workers)",
     )
     decode_threads: int = Field(
         default_factory=_available_cores,
@@ -120,6 +127,12 @@ class ServiceSettings(BaseSettings):
     )
     enable_mem_arena: bool = Field(
         True, description="ONNX Runtime CPU memory arena (faster; holds peak memory)"
+    )
+    trace_sample_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="OpenTelemetry sampling rate; 0 keeps requests out of tracing altogether",
     )
     access_log: bool = Field(
         False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,17 @@ for name in ("models", "service", "export", "loadtest"):
 """
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True)
     assert result.returncode == 0, result.stderr.decode()
+
+
+PRIVATE = r"bentoml\._internal|^\s*(from|import)\s+_bentoml_(impl|sdk)"
+
+
+def test_no_private_bentoml_api_is_used():
+    """BentoML's public API only: nothing under bentoml._internal (or _bentoml_*) is imported."""
+    offenders = [
+        str(path.relative_to(ROOT))
+        for folder in ("convserve", "models", "export", "service", "loadtest")
+        for path in (ROOT / folder).rglob("*.py")
+        if re.search(PRIVATE, path.read_text(), flags=re.MULTILINE)
+    ]
+    assert offenders == []

@@ -94,6 +94,28 @@ def test_multipart_answers_equal_in_process_inference(client, fashion_test, pred
         assert result["predictions"][0]["probability"] == pytest.approx(expected.max(), abs=1e-6)
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF"])
+def test_an_image_as_the_whole_body_equals_the_multipart_form(client, fashion_test, fmt):
+    """`curl --data-binary @x.png -H 'Content-Type: image/png'`, as TorchServe clients send."""
+    data = encode(Image.fromarray(fashion_test.images[7]), fmt)
+    form = client.post("/classify", files=[("images", ("x", data))], params={"top_k": 4})
+    raw = client.post(
+        "/classify",
+        content=data,
+        params={"top_k": 4},
+        headers={"content-type": f"image/{fmt.lower()}"},
+    )
+    assert raw.status_code == 200, raw.text
+    ((from_form,), (from_raw,)) = form.json()["results"], raw.json()["results"]
+    assert from_raw["predictions"] == from_form["predictions"]
+    assert from_raw["filename"] is None and raw.json()["model"] == form.json()["model"]
+
+
+def test_a_raw_body_that_is_not_an_image_is_415_whatever_its_content_type(client):
+    resp = client.post("/classify", content=b"%PDF-1.4 ...", headers={"content-type": "image/png"})
+    assert_error(resp, 415, "unsupported_image")
+
+
 def test_json_base64_equals_multipart(client, fashion_test):
     images = [encode(Image.fromarray(img)) for img in fashion_test.images[:4]]
     multipart = client.post("/classify", files=[("images", ("x.png", d)) for d in images])
@@ -190,7 +212,12 @@ def test_model_and_version_select_the_model(client, served, fashion_test):
 def test_openapi_documents_both_bodies_and_the_errors(client):
     schema = client.get("/api/openapi.json").json()
     post = schema["paths"]["/classify"]["post"]
-    assert {"multipart/form-data", "application/json"} <= set(post["requestBody"]["content"])
+    assert {"multipart/form-data", "application/json", "image/png", "image/jpeg"} <= set(
+        post["requestBody"]["content"]
+    )
+    assert {p["name"] for p in post["parameters"]} == {"top_k", "model", "version"}
+    ok = post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    assert ok.endswith("/ClassifyResponse")
     assert {"200", "400", "404", "413", "415", "422", "503", "504"} <= set(post["responses"])
     error_ref = post["responses"]["415"]["content"]["application/json"]["schema"]["$ref"]
     assert error_ref.endswith("/ErrorResponse")

@@ -156,3 +156,22 @@ def test_probes_and_openapi(client):
     assert "/classify" in schema["paths"]
     post = schema["paths"]["/classify"]["post"]
     assert {"200", "415", "422"} <= set(post["responses"])
+
+
+def test_an_image_as_the_body_as_curl_data_binary_sends_it(client, fashion_test, reference):
+    image = fashion_test.images[42:43]
+    resp = client.post("/classify", content=png(image[0]), headers={"Content-Type": "image/png"})
+    assert resp.status_code == 200, resp.text
+    assert_matches(resp.json()["results"], reference(image))
+
+
+def test_unique_junk_paths_do_not_grow_metrics(client):
+    """Request metrics are labelled by route template: 2,000 distinct unknown paths (and a
+    method no route takes) add one `unmatched` series, not 2,000."""
+    before = len(client.get("/metrics").content)
+    for i in range(2000):
+        assert client.get(f"/junk/{i}/x{i * 7919}").status_code == 404
+    assert client.delete("/classify").status_code == 405
+    text = client.get("/metrics").text
+    assert len(text) - before < 5_000, len(text) - before
+    assert 'route="unmatched"' in text and "/junk/" not in text

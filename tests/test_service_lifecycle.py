@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 from serving import ROOT, start_server, stop_server
@@ -203,8 +204,9 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(
     bentoml_home, quick_stored, fashion_test, tmp_path
 ):
     proc, url = start_server(bentoml_home, tmp_path / "drain.log", models="quick-lenet5:latest")
+    # Heavy enough (64 images of 448 px a request) that requests are still running at SIGTERM.
     files = [
-        ("images", (f"{i}.png", png(img, 8))) for i, img in enumerate(fashion_test.images[:64])
+        ("images", (f"{i}.png", png(img, 16))) for i, img in enumerate(fashion_test.images[:64])
     ]
     done: list[tuple[int, float]] = []
 
@@ -215,7 +217,7 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(
         except httpx.HTTPError as exc:
             done.append((type(exc).__name__, time.monotonic()))
 
-    threads = [threading.Thread(target=client) for _ in range(12)]
+    threads = [threading.Thread(target=client) for _ in range(16)]
     for t in threads:
         t.start()
     time.sleep(0.3)
@@ -229,3 +231,26 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(
     assert proc.wait(timeout=60) == 0
     assert [status for status, _ in done] == [200] * len(threads)
     assert any(at > signalled for _, at in done), "no request was in flight at SIGTERM"
+
+
+def test_workers_each_load_the_model_and_share_the_cores(bentoml_home, quick_stored, tmp_path):
+    log = tmp_path / "workers.log"
+    proc, url = start_server(bentoml_home, log, models="quick-lenet5:latest", workers="2")
+    try:
+        for _ in range(20):
+            resp = httpx.post(
+                f"{url}/classify",
+                files=[("images", ("a.png", png(np.eye(28, dtype=np.uint8) * 255)))],
+            )
+            assert resp.status_code == 200, resp.text
+        workers = [
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if any("worker.service" in part for part in p.cmdline())
+        ]
+        assert len(workers) == 2
+        # Two cores, two workers: one ONNX Runtime thread each, never more threads than cores.
+        serving = [line for line in log.read_text().splitlines() if "serving quick-lenet5" in line]
+        assert len(serving) == 2 and all("1 intra-op thread" in line for line in serving), serving
+    finally:
+        assert stop_server(proc) == 0

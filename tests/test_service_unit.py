@@ -25,7 +25,7 @@ from starlette.testclient import TestClient
 from convserve.errors import ConvserveError
 from convserve.runtime import OnnxClassifier, ProviderError, SessionConfig, make_session
 from convserve.service import oip
-from convserve.service.admission import AdmissionLimits, AdmissionMiddleware
+from convserve.service.admission import Admission, AdmissionMiddleware
 from convserve.service.batching import Batcher
 from convserve.service.errors import rest, status_of
 from convserve.service.settings import ServiceSettings
@@ -216,7 +216,7 @@ def test_too_many_tensor_images():
 # --- admission -------------------------------------------------------------------------------
 
 
-def _admission_app(limits: AdmissionLimits, gate: asyncio.Event | None = None):
+def _admission_app(limits: Admission, gate: asyncio.Event | None = None):
     reads: list[int] = []
 
     async def echo(request: Request) -> JSONResponse:
@@ -235,7 +235,7 @@ def _admission_app(limits: AdmissionLimits, gate: asyncio.Event | None = None):
 
 
 def test_declared_body_over_the_limit_is_413_before_reading_it():
-    app, reads = _admission_app(AdmissionLimits(max_body_bytes=1000, max_in_flight=4))
+    app, reads = _admission_app(Admission(max_body_bytes=1000, max_in_flight=4))
     with TestClient(app) as client:
         resp = client.post("/x", content=b"x" * 5000)
         assert resp.status_code == 413 and resp.json()["error"]["code"] == "body_too_large"
@@ -244,7 +244,7 @@ def test_declared_body_over_the_limit_is_413_before_reading_it():
 
 
 def test_streamed_body_over_the_limit_is_cut_off_at_the_limit():
-    app, reads = _admission_app(AdmissionLimits(max_body_bytes=1000, max_in_flight=4))
+    app, reads = _admission_app(Admission(max_body_bytes=1000, max_in_flight=4))
 
     def chunks():
         for _ in range(100):
@@ -263,7 +263,7 @@ def test_in_flight_limit_answers_503_busy_with_retry_after():
         import httpx
 
         gate = asyncio.Event()
-        limits = AdmissionLimits(max_body_bytes=10_000, max_in_flight=2, on_reject=rejected.append)
+        limits = Admission(max_body_bytes=10_000, max_in_flight=2, on_reject=rejected.append)
         app, _ = _admission_app(limits, gate)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
