@@ -71,6 +71,7 @@ class Result:
     p99_ms: float
     cpu_percent: float
     peak_rss_mb: float
+    cpu_us_per_request: float = 0.0  # server CPU (its process tree) per completed request
 
 
 def _free_port() -> int:
@@ -102,7 +103,8 @@ def servers(threads: int) -> dict[str, Server]:
             [*bentoml, "convserve.service.app:Classifier", "--port", "{port}"],
             "/readyz",
             conv_env,
-            "defaults: adaptive batching by images (max 128, 2 s budget), warm-up, no access log",
+            "defaults: adaptive batching by images (max 128, no queue delay, 2 s budget), "
+            "raw ASGI inference routes, warm-up, no access log",
         ),
         "convserve-nobatch": Server(
             "convserve-nobatch",
@@ -111,6 +113,25 @@ def servers(threads: int) -> dict[str, Server]:
             {**conv_env, "CONVSERVE_MAX_BATCH_SIZE": "1"},
             "adaptive batching off (max batch 1)",
         ),
+        "fastapi-ort": Server(
+            "fastapi-ort",
+            [
+                PY,
+                "-m",
+                "uvicorn",
+                f"{PEERS}.fastapi_ort:app",
+                "--port",
+                "{port}",
+                "--workers",
+                "1",
+                "--log-level",
+                "warning",
+            ],
+            "/health",
+            peer_env,
+            "the hand-written baseline: uvicorn, one async route taking UploadFile, Pillow, one "
+            "ORT session with one thread, no batching",
+        ),  # fmt: skip
         "fastapi-torch": Server(
             "fastapi-torch",
             [
@@ -149,15 +170,16 @@ def servers(threads: int) -> dict[str, Server]:
     }
 
 
+SINGLE = "lenet5 single image"
+PEER_ORDER = ("convserve", "fastapi-ort", "fastapi-torch", "bentoml-torch", "litserve-ort")
+
+
 def _scenarios(quick: bool) -> list[Scenario]:
     if quick:
         return [Scenario("lenet5 single image", "convserve", "SingleImageUser", [1, 8])]
     users = [1, 8, 32, 64]
     return [
-        *(
-            Scenario("lenet5 single image", s, "SingleImageUser", users)
-            for s in ("convserve", "fastapi-torch", "bentoml-torch", "litserve-ort")
-        ),
+        *(Scenario("lenet5 single image", s, "SingleImageUser", users) for s in PEER_ORDER),
         Scenario("lenet5 single image", "convserve-nobatch", "SingleImageUser", [1, 64]),
         Scenario("lenet5 32 images per request", "convserve", "MultiImageUser", [8], 32),
         Scenario("resnet20 at saturation", "convserve", "SingleImageUser", [64], 1, "resnet20"),
@@ -210,11 +232,23 @@ class Sampler:
             self.cpu.append(total)
             self.peak_rss = max(self.peak_rss, rss)
 
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for p in self._tree():
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
     def __enter__(self) -> Sampler:
+        self.cpu_at_start = self.cpu_seconds()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.cpu_used = self.cpu_seconds() - self.cpu_at_start
         self._stop.set()
         self._thread.join()
 
@@ -301,6 +335,16 @@ def _locust(
     return rows["Aggregated"]
 
 
+def _probe(url: str, prefix: list[str], requests: int) -> dict:
+    """One user's latency on the load generator's core (loadtest/probe.py)."""
+    print(f"one-user latency probe: {requests} sequential requests", flush=True)
+    done = subprocess.run(
+        [*prefix, PY, "-m", "convserve.loadtest.probe", "--url", url, "--requests", str(requests)],
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=600,
+    )  # fmt: skip
+    return json.loads(done.stdout)
+
+
 def _prepare_models(args: argparse.Namespace, work: Path, scenarios: list[Scenario]) -> dict:
     """Model files per scenario model: a BENTOML_HOME store plus the ONNX/spec/checkpoint."""
     from convserve.store import load_model, save_model
@@ -370,6 +414,8 @@ def run(args: argparse.Namespace) -> Path:
     models = _prepare_models(args, work, scenarios)
     results: list[Result] = []
     limits: dict[str, dict] = {}
+    runs, k = sum(len(sc.users) for sc in scenarios), 0
+    probe: dict | None = None
     try:
         for model, files in models.items():
             print(f"in-process limit: {model}", flush=True)
@@ -407,8 +453,16 @@ def run(args: argparse.Namespace) -> Path:
             log = raw / f"{scenario.server}-{scenario.model}.log"
             proc, url = _start(server, env, server_prefix, log)
             try:
+                if scenario.server == "convserve" and scenario.name == SINGLE and probe is None:
+                    probe = _probe(url, load_prefix, 300 if args.quick else 3000)
                 for users in scenario.users:
-                    print(f"{scenario.name}: {server.name}, {users} users", flush=True)
+                    k += 1
+                    eta = (runs - k + 1) * (seconds + 6)
+                    print(
+                        f"[{k}/{runs}] {scenario.name}: {server.name}, {users} users "
+                        f"(about {eta // 60:.0f} min {eta % 60:02.0f} s left)",
+                        flush=True,
+                    )
                     with Sampler(proc.pid) as sampler:
                         row = _locust(url, scenario, users, seconds, load_prefix, raw, load_env)
                     rps = float(row["Requests/s"])
@@ -426,22 +480,36 @@ def run(args: argparse.Namespace) -> Path:
                             p99_ms=float(row["99%"]),
                             cpu_percent=max(sampler.cpu, default=0.0),
                             peak_rss_mb=sampler.peak_rss / 1e6,
+                            cpu_us_per_request=1e6
+                            * sampler.cpu_used
+                            / max(1, int(row["Request Count"])),
                         )
+                    )
+                    r = results[-1]
+                    print(
+                        f"    {r.requests_per_s:.0f} req/s, {r.images_per_s:.0f} images/s, "
+                        f"p50 {r.p50_ms:.0f} ms, p99 {r.p99_ms:.0f} ms, "
+                        f"{r.cpu_us_per_request:.0f} µs server CPU/request, "
+                        f"{r.failures} failures",
+                        flush=True,
                     )
             finally:
                 _stop(proc)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _write(out, results, limits, table, scenarios, seconds, server_prefix, load_prefix, args)
+    _write(out, results, limits, table, scenarios, seconds, server_prefix, load_prefix, args, probe)
     return out
 
 
-def _write(out, results, limits, table, scenarios, seconds, server_prefix, load_prefix, args):  # noqa: ANN001, PLR0913
+def _write(
+    out, results, limits, table, scenarios, seconds, server_prefix, load_prefix, args, probe
+):  # noqa: ANN001, PLR0913, E501
     (out / "results.json").write_text(
         json.dumps(
             {
                 "results": [asdict(r) for r in results],
                 "in_process": limits,
+                "one_user_probe": probe,
                 "machine": _machine(),
                 "seconds_per_run": seconds,
             },
@@ -466,6 +534,7 @@ def _write(out, results, limits, table, scenarios, seconds, server_prefix, load_
             load_prefix,
             args.quick,
             _machine(),
+            probe,
         )
     )
 

@@ -13,7 +13,9 @@ Lifecycle:
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import importlib.util
 import logging
 
 import bentoml
@@ -127,7 +129,11 @@ class Classifier:
         # they caused in the p99 go with them.
         gc.collect()
         gc.freeze()
-        log.info("warm-up done; ready")
+        loop = type(asyncio.get_running_loop())
+        http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+        log.info(
+            "warm-up done; ready (event loop %s.%s, HTTP %s)", loop.__module__, loop.__name__, http
+        )
 
     def __is_ready__(self) -> bool:
         return self.pool.ready

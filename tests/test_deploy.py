@@ -266,6 +266,8 @@ def test_image_is_lean_non_root_and_serves(image, fashion_test):
         assert resp.json()["results"][0]["predictions"][0]["label"] == "Ankle boot"
         uids = set(_serving_processes().values())
         assert uids and 0 not in uids, uids
+        ready = (ROOT / "build" / "container-run.log").read_text()
+        assert "event loop uvloop" in ready and "HTTP httptools" in ready, ready[-2000:]
 
 
 @pytest.mark.slow

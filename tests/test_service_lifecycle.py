@@ -250,7 +250,10 @@ def test_workers_each_load_the_model_and_share_the_cores(bentoml_home, quick_sto
         ]
         assert len(workers) == 2
         # Two cores, two workers: one ONNX Runtime thread each, never more threads than cores.
-        serving = [line for line in log.read_text().splitlines() if "serving quick-lenet5" in line]
+        lines = log.read_text().splitlines()
+        serving = [line for line in lines if "serving quick-lenet5" in line]
         assert len(serving) == 2 and all("1 intra-op thread" in line for line in serving), serving
+        ready = [line for line in lines if "warm-up done; ready" in line]
+        assert len(ready) == 2 and all("uvloop" in r and "HTTP httptools" in r for r in ready)
     finally:
         assert stop_server(proc) == 0
