@@ -130,7 +130,8 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 def image_pixels(img: Image.Image, spec: InputSpec) -> np.ndarray:
     """Any-size, any-mode image -> uint8 C x H x W in the model's channels and size."""
-    img = ImageOps.exif_transpose(img)
+    if "exif" in img.info or "Raw profile type exif" in img.info:  # where Pillow keeps EXIF
+        img = ImageOps.exif_transpose(img)
     img = _to_8bit(_flatten_alpha(img))
     mode = "L" if spec.channels == 1 else "RGB"
     if img.mode != mode:

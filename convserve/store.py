@@ -1,5 +1,9 @@
 """The BentoML model store: one ONNX file plus its spec per version, `latest` the newest.
 
+Integrity: export records the sha256 of every file of a version (the ONNX file, its spec, its
+known answer) in the model's store metadata; `verify_files` checks them all, and refuses any
+file that was not written at export (ONNX external data among them).
+
 Torch-free: export writes the store and the service reads it through this module.
 """
 
@@ -7,20 +11,25 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import bentoml
 import numpy as np
 
+from convserve.preprocess import from_pixels
 from convserve.runtime import make_session
 from convserve.spec import ModelSpec
 
 MODEL_FILE = "model.onnx"
 SPEC_FILE = "spec.json"
-# A few real inputs and the logits ONNX Runtime gave for them at export: the service's
-# start-up self-test compares against these before it declares itself ready.
+# A few real images as raw uint8 pixels, the logits ONNX Runtime gave for them at export and
+# the labels of their top-1: the service's start-up self-test runs them through the serving
+# preprocessing and compares, before it declares itself ready.
 KNOWN_ANSWER_FILE = "known_answer.npz"
+EXPORTED_FILES = (MODEL_FILE, SPEC_FILE, KNOWN_ANSWER_FILE)
+STORE_FILES = {"model.yaml"}  # written by BentoML itself
 
 
 @dataclass(frozen=True)
@@ -28,9 +37,10 @@ class StoredModel:
     tag: str  # "name:version"
     path: Path  # the ONNX file
     spec: ModelSpec
-    sha256: str  # as recorded when the model was saved, not as the file is now
+    sha256: str  # of the ONNX file, as recorded when the model was saved
     created: str = ""  # ISO 8601
     precision: str = "fp32"  # or "int8" (statically quantized, QDQ)
+    files: dict[str, str] | None = None  # file name -> sha256, recorded at export
 
     @property
     def name(self) -> str:
@@ -68,28 +78,34 @@ def save_model(
     onnx_path: str | Path,
     spec: ModelSpec,
     name: str,
-    known_inputs: np.ndarray,
+    known_pixels: np.ndarray,
     precision: str = "fp32",
 ) -> StoredModel:
-    """Copy the ONNX file into a new version of `name` in the store, with spec, checksum and
-    the known answer for `known_inputs` (a few real, preprocessed images)."""
+    """Copy the ONNX file into a new version of `name` in the store, with its spec, the known
+    answer for `known_pixels` (a few real uint8 images, N x H x W or N x H x W x C), and the
+    sha256 of every file."""
     onnx_path = Path(onnx_path)
-    digest = sha256_of(onnx_path)
-    expected = known_answer(onnx_path, known_inputs)
-    with bentoml.models.create(
-        name,
-        labels={"architecture": spec.architecture, "format": "onnx", "precision": precision},
-        metadata={
-            "sha256": digest,
-            "input_shape": list(spec.input.shape(-1)),
-            "labels": list(spec.labels),
-            **{f"metric_{k}": v for k, v in spec.metrics.items()},
-        },
-    ) as ref:
-        target = Path(ref.path) / MODEL_FILE
-        shutil.copyfile(onnx_path, target)
-        (Path(ref.path) / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
-        np.savez(Path(ref.path) / KNOWN_ANSWER_FILE, inputs=known_inputs, logits=expected)
+    logits = known_answer(onnx_path, from_pixels(known_pixels, spec.input))
+    labels = np.array([spec.labels[i] for i in logits.argmax(1)])
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp)
+        shutil.copyfile(onnx_path, staged / MODEL_FILE)
+        (staged / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
+        np.savez(staged / KNOWN_ANSWER_FILE, pixels=known_pixels, logits=logits, labels=labels)
+        files = {f: sha256_of(staged / f) for f in EXPORTED_FILES}
+        with bentoml.models.create(
+            name,
+            labels={"architecture": spec.architecture, "format": "onnx", "precision": precision},
+            metadata={
+                "sha256": files[MODEL_FILE],
+                "files": files,
+                "input_shape": list(spec.input.shape(-1)),
+                "labels": list(spec.labels),
+                **{f"metric_{k}": v for k, v in spec.metrics.items()},
+            },
+        ) as ref:
+            for f in EXPORTED_FILES:
+                shutil.copyfile(staged / f, Path(ref.path) / f)
     return load_model(str(ref.tag))
 
 
@@ -113,6 +129,7 @@ def load_model(tag: str) -> StoredModel:
         raise StoreError(
             f"model {ref.tag} is incomplete in the store ({exc}); re-export it"
         ) from None
+    files = ref.info.metadata.get("files")
     return StoredModel(
         tag=str(ref.tag),
         path=root / MODEL_FILE,
@@ -120,6 +137,7 @@ def load_model(tag: str) -> StoredModel:
         sha256=digest,
         created=ref.info.creation_time.isoformat(),
         precision=ref.info.labels.get("precision", "fp32"),
+        files=dict(files) if isinstance(files, dict) else None,
     )
 
 
@@ -129,22 +147,38 @@ def list_versions(name: str) -> list[StoredModel]:
     return [load_model(str(r.tag)) for r in refs]
 
 
-def verify_file(stored: StoredModel) -> None:
-    """The ONNX file is byte for byte what was saved."""
-    if not stored.path.is_file():
-        raise StoreError(f"model {stored.tag}: its ONNX file is missing from the store")
-    actual = sha256_of(stored.path)
-    if actual != stored.sha256:
+def verify_files(stored: StoredModel) -> None:
+    """Every file of the version is byte for byte what export wrote, and there is no other."""
+    if not stored.files:
         raise StoreError(
-            f"model {stored.tag}: ONNX file checksum {actual[:12]}… does not match the "
-            f"{stored.sha256[:12]}… recorded at export; the file is corrupt, re-export it"
+            f"model {stored.tag} has no checksums of its files (exported by an older "
+            "convserve); re-export it"
         )
+    folder = stored.path.parent
+    for name, expected in stored.files.items():
+        path = folder / name
+        if not path.is_file():
+            raise StoreError(f"model {stored.tag}: {name} is missing from the store")
+        actual = sha256_of(path)
+        if actual != expected:
+            raise StoreError(
+                f"model {stored.tag}: {name} checksum {actual[:12]}… does not match the "
+                f"{expected[:12]}… recorded at export; the file is corrupt or was edited, "
+                "re-export the model"
+            )
+    for path in folder.iterdir():
+        if path.name not in stored.files and path.name not in STORE_FILES:
+            raise StoreError(
+                f"model {stored.tag}: unexpected file {path.name} beside the model (ONNX "
+                "external data is not accepted); re-export it"
+            )
 
 
-def read_known_answer(stored: StoredModel) -> tuple[np.ndarray, np.ndarray]:
+def read_known_answer(stored: StoredModel) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(uint8 pixels, logits, top-1 labels) recorded at export."""
     try:
         with np.load(stored.known_answer_path, allow_pickle=False) as f:
-            return f["inputs"], f["logits"]
+            return f["pixels"], f["logits"], [str(label) for label in f["labels"]]
     except (OSError, KeyError, ValueError):
         raise StoreError(
             f"model {stored.tag}: its known-answer file is missing or unreadable; re-export it"

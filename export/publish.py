@@ -13,7 +13,7 @@ from pathlib import Path
 
 from convserve.export.onnx_export import ExportConfig, export_onnx
 from convserve.export.quantize import quantize_with_report
-from convserve.export.verify import MAX_ABS_LOGIT_DIFF, ParityReport, check_parity, known_inputs
+from convserve.export.verify import MAX_ABS_LOGIT_DIFF, ParityReport, check_parity, known_pixels
 from convserve.spec import ModelSpec
 from convserve.store import StoredModel, save_model
 
@@ -55,7 +55,7 @@ def publish(
     stored: list[StoredModel] = []
     if not store:
         return Published(path, spec, report, stored)
-    inputs = known_inputs(spec, data_dir=data_dir)
+    inputs = known_pixels(spec, data_dir=data_dir)
     name = name or spec.store_name()
     if int8:
         int8_path, precision = quantize_with_report(path, spec, data_dir)

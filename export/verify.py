@@ -40,9 +40,11 @@ def labelled_test_set(
     return from_pixels(test.images[:count], spec.input), test.labels[:count]
 
 
-def known_inputs(spec: ModelSpec, *, count: int = 16, data_dir: str | None = None) -> np.ndarray:
-    """The inputs of the start-up self-test: the first `count` test images, preprocessed."""
-    return labelled_test_set(spec, count, data_dir)[0]
+def known_pixels(spec: ModelSpec, *, count: int = 16, data_dir: str | None = None) -> np.ndarray:
+    """The start-up self-test's images: the first `count` test images of the spec's dataset,
+    raw uint8 pixels (N x H x W x C), so the self-test exercises the serving preprocessing."""
+    shape = {"channels": spec.input.channels, "size": spec.input.height}
+    return load_split(spec.dataset, "test", **shape, data_dir=data_dir).images[:count]
 
 
 def check_parity(

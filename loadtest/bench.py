@@ -366,8 +366,9 @@ def _prepare_models(args: argparse.Namespace, work: Path, scenarios: list[Scenar
 
         from convserve.export.onnx_export import ExportConfig, export_onnx
         from convserve.export.quantize import quantize_int8
-        from convserve.export.verify import known_inputs
+        from convserve.export.verify import known_pixels
         from convserve.models import create_model
+        from convserve.preprocess import from_pixels
         from convserve.spec import ModelSpec
 
         ckpt = Path(args.resnet_checkpoint) if args.resnet_checkpoint else None
@@ -386,8 +387,9 @@ def _prepare_models(args: argparse.Namespace, work: Path, scenarios: list[Scenar
                 ckpt,
             )
         path, spec = export_onnx(ExportConfig(str(ckpt), str(work / "resnet20.onnx")))
-        inputs = known_inputs(spec)
-        int8 = quantize_int8(path, work / "resnet20.int8.onnx", known_inputs(spec, count=256))
+        inputs = known_pixels(spec)
+        calibration = from_pixels(known_pixels(spec, count=256), spec.input)
+        int8 = quantize_int8(path, work / "resnet20.int8.onnx", calibration)
         q = save_model(int8, spec, "bench-resnet20", inputs, precision="int8")
         f = save_model(path, spec, "bench-resnet20", inputs)
         for key, stored in (("resnet20", f), ("resnet20-int8", q)):

@@ -44,6 +44,13 @@ class BatchObserver(Protocol):
     def on_dropped(self, images: int, reason: str) -> None: ...
 
 
+def _reason(future: asyncio.Future) -> str:
+    """Why a settled job's remaining rows were dropped, for the metrics."""
+    if future.cancelled():
+        return "cancelled"  # its client went away
+    return "expired" if isinstance(future.exception(), DeadlineExceeded) else "failed"
+
+
 @dataclass(eq=False)
 class _Job:
     x: np.ndarray  # N x C x H x W
@@ -143,12 +150,23 @@ class Batcher:
         self.queued_images += n
         self.pending_images += n
         self._dispatch()
+        if self.timeout_s is None:
+            return await job.future
+        # One timer per request, cancelled on answer: past the deadline the job's future fails
+        # (and the job, if still queued, is dropped before inference).
+        timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire, job)
         try:
-            return await asyncio.wait_for(job.future, self.timeout_s)
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"inference did not finish within {self.timeout_s:g} s; retry later"
-            ) from None
+            return await job.future
+        finally:
+            timer.cancel()
+
+    def _expire(self, job: _Job) -> None:
+        if not job.future.done():
+            job.future.set_exception(
+                DeadlineExceeded(
+                    f"inference did not finish within {self.timeout_s:g} s; retry later"
+                )
+            )
 
     def _release(self, job: _Job) -> None:
         """A job's future is settled: rows it never handed to a batch leave the queue's count.
@@ -159,9 +177,7 @@ class Batcher:
             self.pending_images -= untaken
             job.taken = len(job.x)
             if self.observer:
-                waited = time.perf_counter() - job.enqueued
-                late = self.timeout_s is not None and waited >= self.timeout_s
-                self.observer.on_dropped(untaken, "expired" if late else "cancelled")
+                self.observer.on_dropped(untaken, _reason(job.future))
 
     # --- batches -----------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from typing import Any
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -138,9 +139,16 @@ class RequestMetrics:
             await self.app(scope, receive, recording_send)
         finally:
             route = self.route_of(scope) or _template(scope)
-            metrics = service_metrics()
-            metrics.requests.labels(route, scope["method"], str(status)).inc()
-            metrics.duration.labels(route).observe(time.perf_counter() - started)
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            count, duration = _children(route, method, status)
+            count.inc()
+            duration.observe(time.perf_counter() - started)
+
+
+@functools.lru_cache(maxsize=1024)  # labels come from bounded sets; the cache spares lookups
+def _children(route: str, method: str, status: int) -> tuple[Any, Any]:
+    metrics = service_metrics()
+    return metrics.requests.labels(route, method, str(status)), metrics.duration.labels(route)
 
 
 def _template(scope: Scope) -> str:

@@ -1,8 +1,10 @@
 """The models a service serves: each verified, with its own session and batcher.
 
-Start-up contract for every model, in `open_model`: present in the store, ONNX file byte for
-byte as exported (sha256), session created on the requested providers, and the known answer
-recorded at export reproduced. Any failure is a `StartupError` whose message is for operators.
+Start-up contract for every model, in `open_model`: present in the store; every file byte for
+byte as exported (sha256) and no other file; session created on the requested providers; the
+spec inside the ONNX file equal to spec.json; and the known answer reproduced from raw uint8
+pixels through the serving preprocessing, labels included. Any failure is a `StartupError`
+whose one-line message names the file at fault, for operators.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from convserve.errors import NotServed
+from convserve.preprocess import from_pixels
 from convserve.runtime import OnnxClassifier, ProviderError, SessionConfig, make_session
 from convserve.service.batching import Batcher
 from convserve.service.metrics import ServiceMetrics
 from convserve.service.settings import ServiceSettings
-from convserve.spec import ModelSpec
-from convserve.store import StoredModel, StoreError, load_model, read_known_answer, verify_file
+from convserve.spec import ONNX_METADATA_KEY, ModelSpec
+from convserve.store import StoredModel, StoreError, load_model, read_known_answer, verify_files
 
 log = logging.getLogger("convserve.pool")
 
@@ -40,21 +43,43 @@ def session_config(settings: ServiceSettings) -> SessionConfig:
     )
 
 
+def check_spec_matches_onnx(stored: StoredModel, classifier: OnnxClassifier) -> None:
+    """spec.json says what the ONNX file itself says (metrics aside: INT8 versions carry their
+    own); a spec edited after export, labels or normalization, is refused here."""
+    meta = classifier.session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
+    try:
+        inside = ModelSpec.model_validate_json(meta or "")
+    except ValueError:
+        raise StartupError(f"model {stored.tag}: model.onnx carries no convserve spec") from None
+    if inside.model_dump(exclude={"metrics"}) != stored.spec.model_dump(exclude={"metrics"}):
+        raise StartupError(
+            f"model {stored.tag}: spec.json differs from the spec inside model.onnx "
+            "(labels, input or normalization); re-export the model"
+        )
+
+
 def check_known_answer(stored: StoredModel, classifier: OnnxClassifier, atol: float) -> float:
-    """Largest logit difference from the export-time answer; raises if over `atol`."""
-    inputs, expected = read_known_answer(stored)
-    actual = classifier.logits(inputs)
-    if actual.shape != expected.shape or actual.shape[1] != stored.spec.num_classes:
+    """Largest logit difference from the export-time answer, for the stored raw pixels put
+    through the serving preprocessing; raises if over `atol` or if a top-1 label differs."""
+    pixels, expected, expected_labels = read_known_answer(stored)
+    spec = stored.spec
+    actual = classifier.logits(from_pixels(pixels, spec.input))
+    if actual.shape != expected.shape or actual.shape[1] != spec.num_classes:
         raise StartupError(
             f"model {stored.tag}: self-test output shape {actual.shape}, expected "
-            f"{expected.shape} for {stored.spec.num_classes} labels"
+            f"{expected.shape} for {spec.num_classes} labels in spec.json"
         )
     diff = float(np.abs(actual - expected).max())
-    top1_same = bool((actual.argmax(1) == expected.argmax(1)).all())
-    if diff > atol or not top1_same:
+    labels = [spec.labels[i] for i in actual.argmax(1)]
+    if labels != expected_labels:
+        raise StartupError(
+            f"model {stored.tag}: start-up self-test failed: top-1 labels differ from those "
+            "recorded at export (check spec.json's labels)"
+        )
+    if diff > atol:
         raise StartupError(
             f"model {stored.tag}: start-up self-test failed (max logit difference {diff:.2e}, "
-            f"allowed {atol:.0e}, top-1 {'same' if top1_same else 'different'})"
+            f"allowed {atol:.0e}; check spec.json's mean and std)"
         )
     return diff
 
@@ -62,16 +87,25 @@ def check_known_answer(stored: StoredModel, classifier: OnnxClassifier, atol: fl
 def open_model(tag: str, settings: ServiceSettings) -> tuple[StoredModel, OnnxClassifier]:
     try:
         stored = load_model(tag)
-        verify_file(stored)
-        session = make_session(str(stored.path), session_config(settings))
+        verify_files(stored)
+        try:
+            session = make_session(stored.path, session_config(settings))
+        except ProviderError:
+            raise
+        except Exception as exc:  # ONNX Runtime's own errors: a file it cannot load
+            raise StartupError(
+                f"model {stored.tag}: ONNX Runtime cannot load model.onnx "
+                f"({type(exc).__name__}); re-export it"
+            ) from None
         classifier = OnnxClassifier(session)
+        check_spec_matches_onnx(stored, classifier)
         diff = check_known_answer(stored, classifier, settings.known_answer_atol)
     except (StoreError, ProviderError) as exc:
         raise StartupError(str(exc)) from None
     log.info(
-        "%s verified (sha256 %s…, self-test max |Δ| %.1e) on %s",
+        "%s verified (sha256 of %d files, self-test max |Δ| %.1e) on %s",
         stored.tag,
-        stored.sha256[:12],
+        len(stored.files or {}),
         diff,
         classifier.provider,
     )

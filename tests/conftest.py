@@ -97,11 +97,11 @@ def default_stored(default_run: Path, bentoml_home: Path):
 
 def _store(checkpoint: Path, name: str, out: Path):
     from convserve.export.onnx_export import ExportConfig, export_onnx
-    from convserve.export.verify import known_inputs
+    from convserve.export.verify import known_pixels
     from convserve.store import save_model
 
     path, spec = export_onnx(ExportConfig(checkpoint=str(checkpoint), output=str(out)))
-    return save_model(path, spec, name, known_inputs(spec))
+    return save_model(path, spec, name, known_pixels(spec))
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from convserve.export.onnx_export import OPSET, ExportConfig, export_onnx, read_spec
-from convserve.export.verify import MAX_ABS_LOGIT_DIFF, check_parity, known_inputs
+from convserve.export.verify import MAX_ABS_LOGIT_DIFF, check_parity, known_pixels
 from convserve.models.checkpoint import load_checkpoint
-from convserve.preprocess import from_bytes
+from convserve.preprocess import from_bytes, from_pixels
 from convserve.store import (
     StoreError,
     has_model,
@@ -18,7 +18,7 @@ from convserve.store import (
     load_model,
     read_known_answer,
     save_model,
-    verify_file,
+    verify_files,
 )
 
 
@@ -65,9 +65,9 @@ def test_parity_with_pytorch_on_1000_test_images(exported, quick_run):
 def test_store_versions_and_latest(exported, bentoml_home):
     path, spec = exported
     assert not has_model("fashion-test:latest")
-    inputs = known_inputs(spec, count=4)
-    first = save_model(path, spec, "fashion-test", inputs)
-    second = save_model(path, spec, "fashion-test", inputs)
+    pixels = known_pixels(spec, count=4)
+    first = save_model(path, spec, "fashion-test", pixels)
+    second = save_model(path, spec, "fashion-test", pixels)
     assert first.tag != second.tag
     latest = load_model("fashion-test:latest")
     assert latest.tag == second.tag
@@ -75,25 +75,28 @@ def test_store_versions_and_latest(exported, bentoml_home):
     assert latest.sha256 == hashlib.sha256(latest.path.read_bytes()).hexdigest()
     assert load_model(first.tag).tag == first.tag
     assert str(bentoml_home) in str(latest.path)  # the test session's own store
-    verify_file(latest)
-    stored_inputs, logits = read_known_answer(latest)
-    assert np.array_equal(stored_inputs, inputs) and logits.shape == (4, 10)
+    verify_files(latest)
+    assert set(latest.files) == {"model.onnx", "spec.json", "known_answer.npz"}
+    stored_pixels, logits, labels = read_known_answer(latest)
+    assert np.array_equal(stored_pixels, pixels) and logits.shape == (4, 10)
+    assert labels == [spec.labels[i] for i in logits.argmax(1)]
     assert [v.tag for v in list_versions("fashion-test")] == [second.tag, first.tag]
 
 
-def test_known_inputs_are_the_service_preprocessing(exported, fashion_test):
+def test_known_pixels_are_raw_test_images_preprocessed_as_served(exported, fashion_test):
     _, spec = exported
     # What the service makes of the same images uploaded as PNG.
     expected = np.stack([from_bytes(png(img), spec.input) for img in fashion_test.images[:8]])
-    assert np.array_equal(known_inputs(spec, count=8), expected)
+    assert np.array_equal(known_pixels(spec, count=8)[..., 0], fashion_test.images[:8])
+    assert np.array_equal(from_pixels(known_pixels(spec, count=8), spec.input), expected)
 
 
 def test_a_damaged_store_file_is_a_clear_error(exported, tmp_path):
     path, spec = exported
-    stored = save_model(path, spec, "fashion-damaged", known_inputs(spec, count=2))
+    stored = save_model(path, spec, "fashion-damaged", known_pixels(spec, count=2))
     stored.path.write_bytes(stored.path.read_bytes()[:-1] + b"\0")
-    with pytest.raises(StoreError, match="does not match"):
-        verify_file(stored)
+    with pytest.raises(StoreError, match="model.onnx checksum .* does not match"):
+        verify_files(stored)
     stored.known_answer_path.unlink()
     with pytest.raises(StoreError, match="known-answer"):
         read_known_answer(stored)
@@ -124,7 +127,7 @@ def test_int8_is_stored_beside_fp32_with_its_metrics(quick_run, bentoml_home, tm
     assert abs(m["test_accuracy"] - m["fp32_test_accuracy"]) < 0.02  # a 2-epoch model
     ops = {n.op_type for n in onnx.load(str(int8.path)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    verify_file(int8)
+    verify_files(int8)
 
 
 def test_model_report_has_every_section(quick_run, tmp_path):

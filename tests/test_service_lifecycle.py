@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -55,7 +58,7 @@ def _serve_and_expect_refusal(home: Path, **settings: str) -> str:
         text=True,
         timeout=120,
     )
-    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert proc.returncode == 1, proc.stdout + proc.stderr
     return proc.stdout + proc.stderr
 
 
@@ -76,18 +79,70 @@ def test_corrupt_onnx_file_stops_start_up(bentoml_home, quick_stored, tmp_path):
     onnx_file = home / "models" / "quick-lenet5" / stored.version / "model.onnx"
     _flip_byte(onnx_file, onnx_file.stat().st_size // 2)
     out = _serve_and_expect_refusal(home, models=stored.tag)
-    assert "does not match" in out and "corrupt" in out
+    assert "model.onnx checksum" in out and "does not match" in out and "corrupt" in out
+
+
+def _resign(version_dir: Path, name: str) -> None:
+    """Record a file's new sha256 in the store's metadata, as a careful tamperer would: the
+    checksums then pass, and the deeper checks are what must catch the change."""
+    yaml_file = version_dir / "model.yaml"
+    text = yaml_file.read_text()
+    old = re.search(rf"{re.escape(name)}: ([0-9a-f]{{64}})", text).group(1)
+    new = hashlib.sha256((version_dir / name).read_bytes()).hexdigest()
+    yaml_file.write_text(text.replace(old, new))
+
+
+def _edit_spec(version_dir: Path, change) -> None:  # noqa: ANN001
+    spec_file = version_dir / "spec.json"
+    spec = json.loads(spec_file.read_text())
+    change(spec)
+    spec_file.write_text(json.dumps(spec, indent=2))
+
+
+def _swap_labels(spec: dict) -> None:
+    labels = spec["labels"]
+    labels[7], labels[9] = labels[9], labels[7]  # Sneaker <-> Ankle boot
+
+
+def _shift_mean(spec: dict) -> None:
+    spec["input"]["mean"] = [spec["input"]["mean"][0] + 0.1]
 
 
 def test_failed_known_answer_stops_start_up(bentoml_home, quick_stored, tmp_path):
     home = _copy_store(bentoml_home, tmp_path, "quick-lenet5")
     stored = quick_stored[1]
-    answer = home / "models" / "quick-lenet5" / stored.version / "known_answer.npz"
-    with np.load(answer) as f:
-        inputs, logits = f["inputs"], f["logits"]
-    np.savez(answer, inputs=inputs, logits=logits + 0.5)
+    folder = home / "models" / "quick-lenet5" / stored.version
+    with np.load(folder / "known_answer.npz") as f:
+        pixels, logits, labels = f["pixels"], f["logits"], f["labels"]
+    np.savez(folder / "known_answer.npz", pixels=pixels, logits=logits + 0.5, labels=labels)
+    _resign(folder, "known_answer.npz")
     out = _serve_and_expect_refusal(home, models=stored.tag)
     assert "self-test failed" in out
+
+
+@pytest.mark.parametrize("change", [_swap_labels, _shift_mean], ids=["labels", "mean"])
+def test_an_edited_spec_stops_start_up_naming_the_file(
+    bentoml_home, quick_stored, tmp_path, change
+):
+    home = _copy_store(bentoml_home, tmp_path, "quick-lenet5")
+    stored = quick_stored[1]
+    folder = home / "models" / "quick-lenet5" / stored.version
+    _edit_spec(folder, change)
+    out = _serve_and_expect_refusal(home, models=stored.tag)
+    reason = [line for line in out.splitlines() if "convserve cannot start" in line]
+    assert reason and "spec.json" in reason[-1] and "does not match" in reason[-1], out[-2000:]
+    # Re-signed, the edit passes the checksums; the spec inside model.onnx still disagrees.
+    _resign(folder, "spec.json")
+    out = _serve_and_expect_refusal(home, models=stored.tag)
+    assert "spec.json differs from the spec inside model.onnx" in out
+
+
+def test_a_file_export_did_not_write_stops_start_up(bentoml_home, quick_stored, tmp_path):
+    home = _copy_store(bentoml_home, tmp_path, "quick-lenet5")
+    stored = quick_stored[1]
+    (home / "models" / "quick-lenet5" / stored.version / "model.onnx.data").write_bytes(b"\0" * 64)
+    out = _serve_and_expect_refusal(home, models=stored.tag)
+    assert "unexpected file model.onnx.data" in out and "external data" in out
 
 
 def test_unavailable_provider_stops_start_up_unless_fallback_allowed(
