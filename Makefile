@@ -11,7 +11,7 @@ DATASET := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CONTAINER_TOOLS := /usr/bin/buildah /usr/sbin/debootstrap
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install dataset container-tools serve test test-fast lint clean
+.PHONY: install dataset container-tools serve test test-fast lint bench profile clean
 
 install: $(BIN)/.installed
 
@@ -41,6 +41,14 @@ test: install dataset container-tools
 
 test-fast: install dataset
 	$(BIN)/python -m pytest -m "not slow"
+
+# Long runs, never part of `make test`: both need a served model in the store (`make serve`
+# makes one) and use both cores, server pinned to one, load generator to the other.
+bench: install dataset
+	$(BIN)/python -m convserve.loadtest.bench --out docs/bench --checkpoint runs/default/best.pt
+
+profile: install
+	$(BIN)/python -m convserve.loadtest.profile --out docs/bench/profile --label now
 
 lint: install
 	$(BIN)/ruff check .

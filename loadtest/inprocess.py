@@ -14,20 +14,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 from convserve.models.data import load_fashion_mnist
 from convserve.preprocess import from_bytes
+from convserve.runtime import SessionConfig, make_session
 from convserve.spec import ModelSpec
 
 
 def measure(onnx: str, spec: ModelSpec, threads: int, batch_sizes: list[int], seconds: float):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+    session = make_session(onnx, SessionConfig(intra_op_threads=threads))
     name = session.get_inputs()[0].name
     images = load_fashion_mnist("test").images[:256]
     pngs = []

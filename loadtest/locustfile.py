@@ -32,7 +32,8 @@ from locust import FastHttpUser, constant, constant_throughput, events, task
 from PIL import Image
 
 from convserve.models.data import load_fashion_mnist
-from convserve.spec import FASHION_MNIST_LABELS, FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from convserve.preprocess import from_pixels
+from convserve.spec import FASHION_MNIST_LABELS, FASHION_MNIST_MEAN, FASHION_MNIST_STD, InputSpec
 
 PAYLOADS = 256
 MULTI = 32
@@ -58,7 +59,8 @@ JPEGS: list[bytes] = [
     for img in _images[:64]
 ]
 _pixels = _images[:, None]  # N x 1 x 28 x 28 uint8
-_normalized = ((_pixels / np.float32(255.0)) - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
+_spec = InputSpec(channels=1, height=28, width=28, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
+_normalized = from_pixels(_images, _spec)  # N x 1 x 28 x 28, as the server preprocesses
 NPY: list[bytes] = []
 for start in range(0, PAYLOADS, TENSOR_BATCH):
     buf = io.BytesIO()

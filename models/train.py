@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -303,6 +304,67 @@ def _rank_digests(model: torch.nn.Module, dist: Distributed) -> list[str | None]
     return digests
 
 
+@dataclass
+class RunState:
+    """What the loop carries from epoch to epoch; `last.pt` saves it beside the trainer's."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_accuracy: float = -1.0
+    best_confusion: np.ndarray | None = None
+
+    def saved(self) -> dict[str, Any]:
+        confusion = None if self.best_confusion is None else self.best_confusion.tolist()
+        return {
+            "history": self.history,
+            "best_accuracy": self.best_accuracy,
+            "best_confusion": confusion,
+        }
+
+    @classmethod
+    def restored(cls, state: dict[str, Any]) -> RunState:
+        return cls(state["history"], state["best_accuracy"], np.asarray(state["best_confusion"]))
+
+
+def end_of_epoch(
+    trainer: Trainer,
+    data: Prepared,
+    run: RunState,
+    epoch: int,
+    train_loss: float,
+    train_accuracy: float,
+    spec_of: Callable[[dict[str, float]], ModelSpec],
+    started: float,
+) -> None:
+    """Evaluate, record, checkpoint (best.pt when it improved, last.pt always), redraw."""
+    config, out = trainer.config, Path(trainer.config.out_dir)
+    test_loss, test_accuracy, confusion = evaluate(
+        trainer.model, data.x_test, data.y_test, trainer.device
+    )
+    run.history.append(
+        {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_accuracy": train_accuracy,
+            "test_loss": test_loss,
+            "test_accuracy": test_accuracy,
+            "elapsed_s": time.perf_counter() - started,
+        }
+    )
+    improved = test_accuracy > run.best_accuracy
+    if improved:
+        run.best_accuracy, run.best_confusion = test_accuracy, confusion
+        metrics = {"test_accuracy": test_accuracy, "test_loss": test_loss, "epoch": epoch}
+        save_best(out / BEST_NAME, trainer.model, spec_of(metrics), asdict(config))
+    extra = {"epoch": epoch, "config": asdict(config)}
+    save_state(out / LAST_NAME, {**trainer.state(), **run.saved(), **extra})
+    _write_history(run.history, out)
+    log.info(
+        "epoch %d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%%s  (%.0f s)",
+        epoch, config.epochs, train_loss, 100 * train_accuracy, test_loss,
+        100 * test_accuracy, "  *best*" if improved else "", run.history[-1]["elapsed_s"],
+    )  # fmt: skip
+
+
 def build_trainer(
     config: TrainConfig,
     data: Prepared,
@@ -355,16 +417,24 @@ def train(config: TrainConfig) -> TrainResult:
         range(len(data.x_train)), num_replicas=dist.world_size, rank=dist.rank, seed=config.seed
     )
 
-    history: list[dict[str, float]] = []
-    best_accuracy, best_confusion, first_epoch = -1.0, None, 1
+    run, first_epoch = RunState(), 1
     if config.resume:
         state = load_state(config.resume)
         trainer.restore(state)
-        history, best_accuracy = state["history"], state["best_accuracy"]
-        best_confusion = np.asarray(state["best_confusion"])
-        first_epoch = state["epoch"] + 1
+        run, first_epoch = RunState.restored(state), state["epoch"] + 1
         log.info("resumed from %s at epoch %d", config.resume, first_epoch)
-    started = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
+
+    def spec_of(metrics: dict[str, float]) -> ModelSpec:
+        return ModelSpec(
+            architecture=config.model,
+            dataset=config.dataset,
+            kwargs=model_kwargs,
+            input=data.input_spec,
+            labels=data.labels,
+            metrics=metrics,
+        )
+
+    started = time.perf_counter() - (run.history[-1]["elapsed_s"] if run.history else 0.0)
     for epoch in range(first_epoch, min(config.epochs, config.stop_after or config.epochs) + 1):
         # --- forward/backward, step ---
         if dist.world_size > 1:
@@ -380,49 +450,7 @@ def train(config: TrainConfig) -> TrainResult:
 
         # --- eval + checkpoint (rank 0; the others wait at the barrier) ---
         if dist.is_main:
-            test_loss, test_accuracy, confusion = evaluate(
-                trainer.model, data.x_test, data.y_test, device
-            )
-            history.append(
-                {
-                    "epoch": epoch,
-                    "train_loss": train_loss,
-                    "train_accuracy": train_accuracy,
-                    "test_loss": test_loss,
-                    "test_accuracy": test_accuracy,
-                    "elapsed_s": time.perf_counter() - started,
-                }
-            )
-            improved = test_accuracy > best_accuracy
-            if improved:
-                best_accuracy, best_confusion = test_accuracy, confusion
-                metrics = {"test_accuracy": test_accuracy, "test_loss": test_loss, "epoch": epoch}
-                spec = ModelSpec(
-                    architecture=config.model,
-                    dataset=config.dataset,
-                    kwargs=model_kwargs,
-                    input=data.input_spec,
-                    labels=data.labels,
-                    metrics=metrics,
-                )
-                save_best(out / BEST_NAME, trainer.model, spec, asdict(config))
-            save_state(
-                out / LAST_NAME,
-                {
-                    **trainer.state(),
-                    "history": history,
-                    "best_accuracy": best_accuracy,
-                    "best_confusion": best_confusion.tolist(),
-                    "epoch": epoch,
-                    "config": asdict(config),
-                },
-            )
-            _write_history(history, out)
-            log.info(
-                "epoch %d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%%s  (%.0f s)",
-                epoch, config.epochs, train_loss, 100 * train_accuracy, test_loss,
-                100 * test_accuracy, "  *best*" if improved else "", history[-1]["elapsed_s"],
-            )  # fmt: skip
+            end_of_epoch(trainer, data, run, epoch, train_loss, train_accuracy, spec_of, started)
         if dist.world_size > 1:
             torch.distributed.barrier()
 
@@ -434,19 +462,19 @@ def train(config: TrainConfig) -> TrainResult:
         "model": config.model,
         "model_kwargs": model_kwargs,
         "dataset": config.dataset,
-        "best_test_accuracy": best_accuracy,
-        "best_epoch": max(history, key=lambda h: h["test_accuracy"])["epoch"],
+        "best_test_accuracy": run.best_accuracy,
+        "best_epoch": max(run.history, key=lambda h: h["test_accuracy"])["epoch"],
         "train_time_s": time.perf_counter() - started,
         "train_images": len(data.x_train),
         "test_images": len(data.x_test),
         "world_size": dist.world_size,
         "rank_weight_digests": digests,
         "device": str(device),
-        "history": history,
+        "history": run.history,
         "config": asdict(config),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    assert best_confusion is not None
-    title = f"{config.model}: test accuracy {100 * best_accuracy:.2f}%"
-    plot_confusion(best_confusion, data.labels, out / "confusion.png", title)
+    assert run.best_confusion is not None
+    title = f"{config.model}: test accuracy {100 * run.best_accuracy:.2f}%"
+    plot_confusion(run.best_confusion, data.labels, out / "confusion.png", title)
     return TrainResult(checkpoint=out / BEST_NAME, metrics=metrics)

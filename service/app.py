@@ -22,7 +22,7 @@ import bentoml
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from convserve.service import errors, oip, rest
+from convserve.service import errors, heap, oip, rest
 from convserve.service.admission import Admission, AdmissionMiddleware
 from convserve.service.hotpath import HotPath, template_of
 from convserve.service.inference import Inference
@@ -124,11 +124,11 @@ class Classifier:
     @bentoml.on_startup
     async def warm_up(self) -> None:
         await self.pool.warm_up(self.settings)
-        # Everything alive now (models, sessions, the app) lives for the whole process: moved
-        # out of the collector's generations, full collections stop walking it, and the pauses
-        # they caused in the p99 go with them.
-        gc.collect()
-        gc.freeze()
+        heap.freeze()  # models, sessions and the app live as long as the process
+        if self.settings.gc_full_interval_s > 0:  # else Python's automatic collection
+            self._collector = asyncio.get_running_loop().create_task(
+                heap.collect_on_a_clock(full_every_s=self.settings.gc_full_interval_s)
+            )
         loop = type(asyncio.get_running_loop())
         http = "httptools" if importlib.util.find_spec("httptools") else "h11"
         log.info(
@@ -140,4 +140,7 @@ class Classifier:
 
     @bentoml.on_shutdown
     def stop_batchers(self) -> None:
+        if collector := getattr(self, "_collector", None):
+            collector.cancel()
+            gc.enable()  # at once: the loop may stop before the cancelled task runs again
         self.pool.shutdown()

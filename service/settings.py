@@ -134,6 +134,12 @@ class ServiceSettings(BaseSettings):
         le=1.0,
         description="OpenTelemetry sampling rate; 0 keeps requests out of tracing altogether",
     )
+    gc_full_interval_s: float = Field(
+        300.0,
+        ge=0.0,
+        description="after warm-up the garbage collector runs on a clock: young generations "
+        "every second, a full pass this often; 0 keeps Python's automatic collection",
+    )
     access_log: bool = Field(
         False,
         description="BentoML's log line per request (off: it costs a single core about a "

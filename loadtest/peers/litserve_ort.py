@@ -12,18 +12,15 @@ import os
 
 import litserve as ls
 import numpy as np
-import onnxruntime as ort
 
 from convserve.loadtest.peers.common import answer, spec_from_env, to_batch
+from convserve.runtime import SessionConfig, make_session
 
 
 class OrtClassifier(ls.LitAPI):
     def setup(self, device: str) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(os.environ.get("PEER_THREADS", "1"))
-        self.session = ort.InferenceSession(
-            os.environ["PEER_ONNX"], options, providers=["CPUExecutionProvider"]
-        )
+        threads = SessionConfig(intra_op_threads=int(os.environ.get("PEER_THREADS", "1")))
+        self.session = make_session(os.environ["PEER_ONNX"], threads)
         self.input_name = self.session.get_inputs()[0].name
         self.spec = spec_from_env()
 
