@@ -197,6 +197,19 @@ def _scenarios(quick: bool) -> list[Scenario]:
     ]
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of a process and all its descendants so far."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 class Sampler:
     """CPU (percent of one core, summed over the process tree) and peak RSS of a server."""
 
@@ -232,23 +245,13 @@ class Sampler:
             self.cpu.append(total)
             self.peak_rss = max(self.peak_rss, rss)
 
-    def cpu_seconds(self) -> float:
-        total = 0.0
-        for p in self._tree():
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-        return total
-
     def __enter__(self) -> Sampler:
-        self.cpu_at_start = self.cpu_seconds()
+        self.cpu_at_start = tree_cpu_seconds(self.root.pid)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.cpu_used = self.cpu_seconds() - self.cpu_at_start
+        self.cpu_used = tree_cpu_seconds(self.root.pid) - self.cpu_at_start
         self._stop.set()
         self._thread.join()
 

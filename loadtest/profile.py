@@ -25,9 +25,16 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import psutil
-
-from convserve.loadtest.bench import LOCUSTFILE, PY, ROOT, Server, _cores, _start, _stop
+from convserve.loadtest.bench import (
+    LOCUSTFILE,
+    PY,
+    ROOT,
+    Server,
+    _cores,
+    _start,
+    _stop,
+    tree_cpu_seconds,
+)
 
 SERVICE = "convserve.service.app:Classifier"
 
@@ -95,18 +102,6 @@ def _tool(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
-def _tree_cpu_seconds(pid: int) -> float:
-    root = psutil.Process(pid)
-    total = 0.0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
-
-
 def _locust(url: str, users: int, seconds: float, prefix: list[str], user_class: str) -> int:
     """Completed requests of a headless Locust run."""
     out = subprocess.run(
@@ -148,10 +143,10 @@ def profile(args: argparse.Namespace) -> Profile:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         time.sleep(1)
-        cpu0, t0 = _tree_cpu_seconds(proc.pid), time.monotonic()
+        cpu0, t0 = tree_cpu_seconds(proc.pid), time.monotonic()
         print(f"profiling: {args.users} users, {args.seconds} s", flush=True)
         requests = _locust(url, args.users, args.seconds, load_prefix, args.user_class)
-        cpu, elapsed = _tree_cpu_seconds(proc.pid) - cpu0, time.monotonic() - t0
+        cpu, elapsed = tree_cpu_seconds(proc.pid) - cpu0, time.monotonic() - t0
         spy.wait(timeout=60)
         floors = {}
         if shutil.which("wrk"):

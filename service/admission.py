@@ -74,6 +74,19 @@ class Admission:
     def leave(self) -> None:
         self.in_flight -= 1
 
+    async def admit(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """The body, with an in-flight place taken (pair with `leave`); or None when the
+        request was refused (answered here) or its client hung up."""
+        try:
+            body = await self.read_body(scope, receive)
+            self.enter()
+        except ClientGone:
+            return None
+        except ConvserveError as error:
+            await send_error(scope, send, error)
+            return None
+        return body
+
 
 async def send_error(scope: Scope, send: Send, error: ConvserveError) -> None:
     """Answer with `error` in the wire format of the protocol the path belongs to."""
@@ -107,13 +120,8 @@ class AdmissionMiddleware:
         if scope["type"] != "http" or scope["method"] not in COUNTED_METHODS or admission is None:
             await self.app(scope, receive, send)
             return
-        try:
-            body = await admission.read_body(scope, receive)
-            admission.enter()
-        except ClientGone:
-            return
-        except ConvserveError as error:
-            await send_error(scope, send, error)
+        body = await admission.admit(scope, receive, send)
+        if body is None:
             return
         replayed = False
 

@@ -19,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from convserve.errors import ConvserveError
 from convserve.service import oip, rest
-from convserve.service.admission import Admission, ClientGone, send_bytes, send_error
+from convserve.service.admission import Admission, send_bytes, send_error
 from convserve.service.errors import INTERNAL
 from convserve.service.inference import Inference
 
@@ -91,13 +91,8 @@ class HotPath:
         receive: Receive,
         send: Send,
     ) -> None:
-        try:
-            body = await admission.read_body(scope, receive)
-            admission.enter()
-        except ClientGone:
-            return
-        except ConvserveError as error:
-            await send_error(scope, send, error)
+        body = await admission.admit(scope, receive, send)
+        if body is None:
             return
         try:
             content_type, header_length = _headers(scope)
