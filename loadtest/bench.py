@@ -93,6 +93,22 @@ def _cores() -> tuple[list[str], list[str]]:
     )
 
 
+def _uvicorn(app: str) -> list[str]:
+    """A FastAPI peer as its documentation runs it: one uvicorn worker, no access log."""
+    return [
+        PY,
+        "-m",
+        "uvicorn",
+        app,
+        "--port",
+        "{port}",
+        "--workers",
+        "1",
+        "--log-level",
+        "warning",
+    ]
+
+
 def servers(threads: int) -> dict[str, Server]:
     conv_env = {"CONVSERVE_INTRA_OP_THREADS": str(threads), "CONVSERVE_WARMUP_REQUESTS": "12"}
     peer_env = {"PEER_THREADS": str(threads)}
@@ -115,18 +131,7 @@ def servers(threads: int) -> dict[str, Server]:
         ),
         "fastapi-ort": Server(
             "fastapi-ort",
-            [
-                PY,
-                "-m",
-                "uvicorn",
-                f"{PEERS}.fastapi_ort:app",
-                "--port",
-                "{port}",
-                "--workers",
-                "1",
-                "--log-level",
-                "warning",
-            ],
+            _uvicorn(f"{PEERS}.fastapi_ort:app"),
             "/health",
             peer_env,
             "the hand-written baseline: uvicorn, one async route taking UploadFile, Pillow, one "
@@ -134,18 +139,7 @@ def servers(threads: int) -> dict[str, Server]:
         ),  # fmt: skip
         "fastapi-torch": Server(
             "fastapi-torch",
-            [
-                PY,
-                "-m",
-                "uvicorn",
-                f"{PEERS}.fastapi_torch:app",
-                "--port",
-                "{port}",
-                "--workers",
-                "1",
-                "--log-level",
-                "warning",
-            ],
+            _uvicorn(f"{PEERS}.fastapi_torch:app"),
             "/health",
             peer_env,
             "uvicorn, 1 worker, sync endpoint (thread pool), torch.inference_mode, threads = "

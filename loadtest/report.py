@@ -14,24 +14,34 @@ MULTI = "lenet5 32 images per request"
 RESNET_MULTI = "resnet20 32 images per request"
 
 
-def plot(results: list, out: Path) -> None:
-    single = [r for r in results if r.scenario == SINGLE]
-    names = sorted({r.server for r in single})
+def _against_users(
+    single: list, names: list[str], field: str, ylabel: str, yscale: str, title: str, path: Path
+) -> None:
+    """One line per server: `field` against concurrent users (log scale)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in names:
         rows = sorted((r for r in single if r.server == name), key=lambda r: r.users)
-        ax.plot([r.users for r in rows], [r.requests_per_s for r in rows], "o-", label=name)
-    ax.set(
-        xlabel="concurrent users",
-        ylabel="requests/s",
-        xscale="log",
-        title="LeNet-5, one image per request: throughput",
-    )
+        ax.plot([r.users for r in rows], [getattr(r, field) for r in rows], "o-", label=name)
+    ax.set(xlabel="concurrent users", ylabel=ylabel, xscale="log", yscale=yscale, title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "throughput_vs_users.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot(results: list, out: Path) -> None:
+    single = [r for r in results if r.scenario == SINGLE]
+    names = sorted({r.server for r in single})
+    _against_users(
+        single,
+        names,
+        "requests_per_s",
+        "requests/s",
+        "linear",
+        "LeNet-5, one image per request: throughput",
+        out / "throughput_vs_users.png",
+    )
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=False)
     for ax, pct in zip(axes, ("p50_ms", "p95_ms", "p99_ms"), strict=True):
@@ -52,22 +62,15 @@ def plot(results: list, out: Path) -> None:
     fig.savefig(out / "latency_vs_throughput.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in names:
-        rows = sorted((r for r in single if r.server == name), key=lambda r: r.users)
-        ax.plot([r.users for r in rows], [r.p99_ms for r in rows], "o-", label=name)
-    ax.set(
-        xlabel="concurrent users",
-        ylabel="p99 latency (ms)",
-        xscale="log",
-        yscale="log",
-        title="LeNet-5, one image per request: p99 latency",
+    _against_users(
+        single,
+        names,
+        "p99_ms",
+        "p99 latency (ms)",
+        "log",
+        "LeNet-5, one image per request: p99 latency",
+        out / "p99_vs_users.png",
     )
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "p99_vs_users.png", dpi=120)
-    plt.close(fig)
 
 
 def _find(results: list, scenario: str, server: str, users: int):  # noqa: ANN202

@@ -287,8 +287,3 @@ class Batcher:
         if self._timer is not None:
             self._timer.cancel()
         self._executor.shutdown(wait=True, cancel_futures=True)
-
-    @property
-    def depth(self) -> int:
-        """Jobs waiting (queued, not yet in a batch)."""
-        return len(self._queue)

@@ -15,7 +15,6 @@ BYTES [N, k] of "<probability>:<index>:<label>", most likely first.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
 import struct
@@ -27,6 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from convserve import __version__
 from convserve.errors import InvalidInput
 from convserve.runtime import top_k
 from convserve.service.inference import Inference, current
@@ -282,13 +282,6 @@ INFER_ERRORS = documented_errors(400, 404, 413, 503, 504)
 IMAGE_INPUT = "image"
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("convserve")
-    except importlib.metadata.PackageNotFoundError:
-        return "0"
-
-
 def _metadata(request: Request, name: str, version: str | None) -> dict:
     pool = current(request).pool
     served = pool.get(name, version)
@@ -319,7 +312,7 @@ def _ready(request: Request, name: str, version: str | None) -> JSONResponse:
 
 @router.get("", summary="Open Inference Protocol: server metadata")
 async def server_metadata() -> dict:
-    return {"name": "convserve", "version": _version(), "extensions": EXTENSIONS}
+    return {"name": "convserve", "version": __version__, "extensions": EXTENSIONS}
 
 
 @router.get("/health/live", summary="Open Inference Protocol: liveness")
