@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import json
 import logging
@@ -294,12 +295,19 @@ def _param_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _rank_digests(model: torch.nn.Module, dist: Distributed) -> list[str | None]:
+def _rank_digests(trainer: Trainer, dist: Distributed) -> list[str | None]:
     """Every rank's weight digest (identical after DDP); ends the process group."""
     if dist.world_size == 1:
-        return [_param_digest(model)]
+        return [_param_digest(trainer.model)]
     digests: list[str | None] = [None] * dist.world_size
-    torch.distributed.all_gather_object(digests, _param_digest(model))
+    torch.distributed.all_gather_object(digests, _param_digest(trainer.model))
+    # Every rank is past the gather before any rank tears its sockets down.
+    torch.distributed.barrier()
+    # DDP's reducer holds the process group: left alive, gloo's threads were destroyed at
+    # interpreter exit and aborted the rank now and then ("terminate called without an
+    # active exception"). Drop the wrapper and collect it while the interpreter is whole.
+    trainer.trained = trainer.model
+    gc.collect()
     torch.distributed.destroy_process_group()
     return digests
 
@@ -455,7 +463,7 @@ def train(config: TrainConfig) -> TrainResult:
             torch.distributed.barrier()
 
     # --- report ---
-    digests = _rank_digests(trainer.model, dist)
+    digests = _rank_digests(trainer, dist)
     if not dist.is_main:
         return TrainResult(checkpoint=out / BEST_NAME, metrics={})
     metrics = {
