@@ -8,7 +8,8 @@ Lifecycle:
   load     (`__init__`, per worker) sessions opened on the configured providers, self-tested.
   warm up  (startup hook) full-size batch and batcher latency model; then /readyz says 200.
   serve    REST (`rest.py`) and the Open Inference Protocol (`oip.py`), behind admission.
-  drain    on SIGTERM the server stops accepting, in-flight requests finish, exit 0.
+  drain    on SIGTERM /readyz turns 503 and requests are served for CONVSERVE_DRAIN_S more;
+           then the server stops accepting, in-flight requests finish, exit 0 (`drain.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fastapi.responses import Response
 
 from convserve.service import errors, heap, oip, rest
 from convserve.service.admission import Admission, AdmissionMiddleware
+from convserve.service.drain import Drain
 from convserve.service.hotpath import HotPath, template_of
 from convserve.service.inference import Inference
 from convserve.service.metrics import RequestMetrics, exposition, service_metrics
@@ -109,9 +111,14 @@ class Classifier:
         app.state.admission = Admission(
             max_body_bytes=self.settings.max_body_bytes,
             max_in_flight=self.settings.max_in_flight,
+            max_held_bytes=self.settings.max_held_bytes,
+            max_pending_bodies=self.settings.max_pending_bodies,
+            body_timeout_s=self.settings.body_timeout_s,
             on_reject=lambda code: self.metrics.rejected.labels(code).inc(),
         )
         app.state.on_error = app.state.admission.on_reject
+        app.state.on_client_gone = self.metrics.client_gone.inc
+        self.drain = Drain(self.settings.drain_s)
         for served in self.pool.models:
             log.info(
                 "serving %s (%s) on %s, %d intra-op thread(s)",
@@ -124,6 +131,7 @@ class Classifier:
     @bentoml.on_startup
     async def warm_up(self) -> None:
         await self.pool.warm_up(self.settings)
+        self.drain.install(asyncio.get_running_loop())
         heap.freeze()  # models, sessions and the app live as long as the process
         if self.settings.gc_full_interval_s > 0:  # else Python's automatic collection
             self._collector = asyncio.get_running_loop().create_task(
@@ -135,8 +143,9 @@ class Classifier:
             "warm-up done; ready (event loop %s.%s, HTTP %s)", loop.__module__, loop.__name__, http
         )
 
-    def __is_ready__(self) -> bool:
-        return self.pool.ready
+    async def __is_ready__(self) -> bool:
+        # async: answered on the event loop, never queued behind the thread pool.
+        return self.pool.ready and not self.drain.draining
 
     @bentoml.on_shutdown
     def stop_batchers(self) -> None:

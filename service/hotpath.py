@@ -12,6 +12,7 @@ documented FastAPI routes call, and the JSON those return is sent as it is.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from fastapi import FastAPI
@@ -94,28 +95,68 @@ class HotPath:
         body = await admission.admit(scope, receive, send)
         if body is None:
             return
+        watch = Watch(asyncio.current_task(), receive)
         try:
             content_type, header_length = _headers(scope)
             kind, name, version = route
             if kind == "classify":
                 payload = await rest.classify(inference, scope["query_string"], content_type, body)
+                watch.stop()
                 await send_bytes(send, 200, payload)
             else:
                 assert name is not None
                 payload, json_length = await oip.infer(
                     inference, name, version, header_length, body
                 )
+                watch.stop()
                 if json_length is None:
                     await send_bytes(send, 200, payload)
                 else:
                     headers = {oip.HEADER_LENGTH: str(json_length)}
                     await send_bytes(send, 200, payload, headers, b"application/octet-stream")
+        except asyncio.CancelledError:
+            if not watch.gone:
+                raise
+            # The client left: its images were dropped wherever they were (decode result
+            # discarded, batcher job skipped); nobody is left to answer.
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            if hook := getattr(self.state, "on_client_gone", None):
+                hook()
         except ConvserveError as error:
+            watch.stop()
             if hook := getattr(self.state, "on_error", None):
                 hook(error.code)
             await send_error(scope, send, error)
         except Exception:
+            watch.stop()
             log.exception("unhandled error in %s", scope["path"])
             await send_error(scope, send, INTERNAL)
         finally:
-            admission.leave()
+            watch.stop()
+            admission.leave(body)
+
+
+class Watch:
+    """While a request waits for its answer, watch its connection: when the client hangs up,
+    cancel the request's task, so its images never reach ONNX Runtime. After the body, the
+    server's next message on `receive` is the disconnect (or the end, once answered)."""
+
+    __slots__ = ("gone", "_task", "_watcher")
+
+    def __init__(self, task: asyncio.Task | None, receive: Receive) -> None:
+        self.gone = False
+        self._task = task
+        self._watcher: asyncio.Task | None = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        message = await receive()
+        if message["type"] == "http.disconnect" and self._watcher is not None:
+            self.gone = True
+            if self._task is not None:
+                self._task.cancel()
+
+    def stop(self) -> None:
+        """The answer is ready: from here on a disconnect changes nothing."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None

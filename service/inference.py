@@ -76,7 +76,16 @@ class Inference:
             name = f"image {i + 1}" + (f" ({filename})" if filename else "")
             opened.append((name, open_image(data, self.limits, name=name)))
         spec = served.spec.input
-        if sum(img.width * img.height for _, img in opened) <= INLINE_PIXELS:
+        pixels = sum(img.width * img.height for _, img in opened)
+        if pixels > self.settings.max_request_pixels:
+            for _, img in opened:
+                img.close()
+            raise InvalidInput(
+                "too_many_pixels",
+                f"the images hold {pixels} pixels together; at most "
+                f"{self.settings.max_request_pixels} per request",
+            )
+        if pixels <= INLINE_PIXELS:
             return batch_from_images(opened, spec)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.decoder, batch_from_images, opened, spec)

@@ -70,6 +70,12 @@ class ServiceMetrics:
             buckets=SECONDS_BUCKETS,
         )
 
+        self.client_gone = prom.Counter(
+            "convserve_client_gone_requests_total",
+            "inference requests whose client hung up before the answer; their images were "
+            "dropped before inference (see convserve_dropped_images_total)",
+        )
+
     def observer(self, tag: str) -> BatchMetrics:
         return BatchMetrics(self, *tag.split(":", 1))
 
@@ -127,7 +133,8 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500  # if the app fails before answering
+        # 499 (nginx's "client closed request"): the client left before any answer was sent.
+        status = 499
 
         async def recording_send(message: Message) -> None:
             nonlocal status
@@ -137,6 +144,9 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, recording_send)
+        except BaseException:
+            status = 500 if status == 499 else status
+            raise
         finally:
             route = self.route_of(scope) or _template(scope)
             method = scope["method"] if scope["method"] in METHODS else "other"

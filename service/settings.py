@@ -90,6 +90,32 @@ class ServiceSettings(BaseSettings):
     max_body_bytes: int = Field(
         10 * 1024 * 1024, ge=1024, description="request body limit in bytes; larger: 413"
     )
+    max_held_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="request bodies held at once, in bytes, from first byte to answer; more: 503",
+    )
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="time allowed for a request body to arrive; slower: 408"
+    )
+    max_pending_bodies: int = Field(
+        64,
+        ge=1,
+        description="requests whose body is still arriving after the first read (slow "
+        "uploads); more: 503. They never take in-flight places",
+    )
+    max_request_pixels: int = Field(
+        100_000_000,
+        ge=1,
+        description="width x height summed over a request's images, checked from their "
+        "headers before any pixel is decoded; more: 413",
+    )
+    drain_s: float = Field(
+        5.0,
+        ge=0,
+        description="on SIGTERM, /readyz answers 503 at once while requests are still served "
+        "this long; then in-flight work finishes and the process exits 0",
+    )
     max_images_per_request: int = Field(64, ge=1, description="images in one request")
     default_top_k: int = Field(5, ge=1, description="predictions per image when top_k is absent")
     max_image_pixels: int = Field(
@@ -119,7 +145,8 @@ class ServiceSettings(BaseSettings):
     decode_threads: int = Field(
         default_factory=_available_cores,
         ge=1,
-        description="threads decoding large uploads off the event loop (default: usable cores)",
+        description="threads decoding large uploads off the event loop, which is also how many "
+        "large images are decoded at once (default: usable cores)",
     )
     inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime threads across operators")
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = Field(
@@ -166,6 +193,10 @@ class ServiceSettings(BaseSettings):
     def _queue_holds_a_request(self) -> ServiceSettings:
         if self.max_queued_images < self.max_images_per_request:
             raise ValueError("max_queued_images must be at least max_images_per_request")
+        if self.max_held_bytes < self.max_body_bytes:
+            raise ValueError("max_held_bytes must be at least max_body_bytes")
+        if self.max_request_pixels < self.max_image_pixels:
+            raise ValueError("max_request_pixels must be at least max_image_pixels")
         return self
 
     @property

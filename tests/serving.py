@@ -23,7 +23,9 @@ def free_port() -> int:
 
 
 def start_server(home: Path, log_path: Path, **settings: str) -> tuple[subprocess.Popen, str]:
-    """`bentoml serve` on a free port with CONVSERVE_* settings; returns once /readyz is 200."""
+    """`bentoml serve` on a free port with CONVSERVE_* settings; returns once /readyz is 200.
+    Tests stop servers with SIGTERM: no drain period unless a test asks for one."""
+    settings = {"drain_s": "0", **settings}
     port = free_port()
     env = {
         **os.environ,

@@ -71,6 +71,30 @@ def test_deployment_is_hardened_and_probed():
     assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])
 
 
+def test_the_grace_period_covers_prestop_drain_and_the_longest_request():
+    from convserve.service.settings import ServiceSettings
+
+    pod = yaml.safe_load((K8S / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    settings = ServiceSettings(
+        **{k.removeprefix("CONVSERVE_").lower(): v for k, v in env.items()}, models=["m:v"]
+    )
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pre_stop = float(command[1])
+    longest_request = settings.body_timeout_s + settings.request_timeout_ms / 1000
+    needed = pre_stop + settings.drain_s + longest_request
+    assert settings.drain_s > 0 and pre_stop > 0
+    assert pod["terminationGracePeriodSeconds"] >= needed + 5, (needed, pod)
+    # The memory limit holds the bodies admitted at once and the decodes running at once.
+    limit = container["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi")
+    worst_decode = 16 * settings.max_image_pixels  # RGBA plus its composite, bytes
+    budget = 300 * 2**20 + settings.max_held_bytes + settings.decode_threads * worst_decode
+    assert budget < int(limit[:-2]) * 2**30
+
+
 def test_compose_runs_the_service_and_locust():
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     services = compose["services"]

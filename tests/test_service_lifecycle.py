@@ -255,17 +255,21 @@ def test_metrics_show_batch_sizes_and_queue_wait(tight_server, fashion_test):
     assert count and sum(count) >= 1
 
 
-def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(
+def test_sigterm_drains_then_finishes_in_flight_requests_and_exits_0(
     bentoml_home, quick_stored, fashion_test, tmp_path
 ):
-    proc, url = start_server(bentoml_home, tmp_path / "drain.log", models="quick-lenet5:latest")
+    drain_s = 2.0
+    proc, url = start_server(
+        bentoml_home, tmp_path / "drain.log", models="quick-lenet5:latest", drain_s=str(drain_s)
+    )
     # Heavy enough (64 images of 448 px a request) that requests are still running at SIGTERM.
     files = [
         ("images", (f"{i}.png", png(img, 16))) for i, img in enumerate(fashion_test.images[:64])
     ]
-    done: list[tuple[int, float]] = []
+    done: list[tuple[int | str, float]] = []
 
-    def client():
+    def client(delay: float = 0.0):
+        time.sleep(delay)
         try:
             resp = httpx.post(f"{url}/classify", files=files, timeout=60)
             done.append((resp.status_code, time.monotonic()))
@@ -278,13 +282,21 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(
     time.sleep(0.3)
     signalled = time.monotonic()
     proc.send_signal(15)  # SIGTERM to the serving process, as an orchestrator does
-    time.sleep(0.3)
-    with pytest.raises(httpx.TransportError):
+    time.sleep(0.2)
+    # Draining: not ready, so the balancer stops sending; what still comes is served.
+    assert httpx.get(f"{url}/readyz", timeout=5).status_code == 503
+    during = httpx.post(f"{url}/classify", files=files[:1], timeout=30)
+    assert during.status_code == 200 and time.monotonic() < signalled + drain_s
+    late = [threading.Thread(target=client, args=(0.5,)) for _ in range(4)]  # sent mid-drain
+    for t in late:
+        t.start()
+    time.sleep(drain_s + 1.0)
+    with pytest.raises(httpx.TransportError):  # after the drain: no longer accepting
         httpx.post(f"{url}/classify", files=files[:1], timeout=5)
-    for t in threads:
+    for t in threads + late:
         t.join()
     assert proc.wait(timeout=60) == 0
-    assert [status for status, _ in done] == [200] * len(threads)
+    assert [status for status, _ in done] == [200] * (len(threads) + len(late))
     assert any(at > signalled for _, at in done), "no request was in flight at SIGTERM"
 
 

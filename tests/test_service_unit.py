@@ -281,6 +281,73 @@ def test_in_flight_limit_answers_503_busy_with_retry_after():
     assert rejected == ["busy"]
 
 
+def _call(limits: Admission, messages: list, *, declared: int | None = None, delay: float = 0):
+    """One request straight through AdmissionMiddleware: `messages` are what the client sends,
+    one per receive(), `delay` seconds apart (the last one never comes when delay is huge)."""
+    app, _ = _admission_app(limits)
+    sent: list[dict] = []
+    headers = [] if declared is None else [(b"content-length", str(declared).encode())]
+    scope = {"type": "http", "method": "POST", "path": "/x", "headers": headers, "app": app,
+             "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
+             "server": ("t", 80), "client": ("c", 1)}  # fmt: skip
+    pending = iter(messages)
+
+    async def receive():
+        await asyncio.sleep(delay)
+        return next(pending)
+
+    async def send(message):
+        sent.append(message)
+
+    async def main():
+        await app(scope, receive, send)
+
+    asyncio.run(main())
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], dict(start["headers"]), json.loads(body)
+
+
+def _trickle(n: int) -> list[dict]:
+    return [{"type": "http.request", "body": b"x", "more_body": i < n - 1} for i in range(n)]
+
+
+def test_a_body_slower_than_the_deadline_is_408_and_the_connection_closes():
+    limits = Admission(max_body_bytes=10_000, max_in_flight=4, body_timeout_s=0.2)
+    status, headers, body = _call(limits, _trickle(100), delay=0.05)
+    assert status == 408 and body["error"]["code"] == "body_timeout"
+    assert headers[b"connection"] == b"close"
+    assert (limits.held_bytes, limits.pending_bodies, limits.in_flight) == (0, 0, 0)
+    # The same trickle within the deadline is served.
+    limits = Admission(max_body_bytes=10_000, max_in_flight=4, body_timeout_s=5)
+    assert _call(limits, _trickle(5), delay=0.01)[:3:2] == (200, {"bytes": 5})
+    assert (limits.held_bytes, limits.pending_bodies, limits.in_flight) == (0, 0, 0)
+
+
+def test_slow_bodies_have_their_own_bound_and_whole_bodies_pass_it():
+    limits = Admission(max_body_bytes=10_000, max_in_flight=4, max_pending_bodies=2)
+    limits.pending_bodies = 2  # two uploads are trickling in
+    status, headers, body = _call(limits, _trickle(30), delay=0.05)
+    assert status == 503 and body["error"]["code"] == "too_many_uploads"
+    assert headers[b"connection"] == b"close"
+    # A body that arrives at network speed never needs one of those places.
+    assert _call(limits, _trickle(30), delay=0.001)[0] == 200
+    assert limits.pending_bodies == 2 and limits.held_bytes == 0
+
+
+def test_bytes_held_at_once_are_bounded_and_given_back():
+    limits = Admission(max_body_bytes=10_000, max_in_flight=4, max_held_bytes=12_000)
+    limits.held_bytes = 5_000  # another request holds 5 kB
+    whole = [{"type": "http.request", "body": b"z" * 8_000, "more_body": False}]
+    status, headers, body = _call(limits, whole, declared=8_000)  # reserved up front
+    assert status == 503 and body["error"]["code"] == "busy" and b"retry-after" in headers
+    status, _, _ = _call(limits, whole)  # chunked: counted as it arrives
+    assert status == 503
+    assert limits.held_bytes == 5_000
+    limits.held_bytes = 0
+    assert _call(limits, whole, declared=8_000)[0] == 200 and limits.held_bytes == 0
+
+
 # --- settings --------------------------------------------------------------------------------
 
 
