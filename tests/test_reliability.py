@@ -20,8 +20,7 @@ import numpy as np
 import psutil
 import pytest
 from PIL import Image
-
-from tests.serving import start_server, stop_server, wait_ready
+from serving import start_server, stop_server, wait_ready
 
 pytestmark = pytest.mark.slow
 
