@@ -11,7 +11,7 @@ DATASET := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CONTAINER_TOOLS := /usr/bin/buildah /usr/sbin/debootstrap
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install dataset container-tools serve test test-fast lint bench profile clean
+.PHONY: install dataset container-tools serve test test-fast lint bench profile fuzz soak clean
 
 install: $(BIN)/.installed
 
@@ -49,6 +49,16 @@ bench: install dataset
 
 profile: install
 	$(BIN)/python -m convserve.loadtest.profile --out docs/bench/profile --label now
+
+# The fuzz tests with 2,000 cases per operation and decoder (the default run uses 200).
+fuzz: install dataset
+	CONVSERVE_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest tests/test_fuzz.py
+
+# Locust at ~80 % of measured capacity on mixed endpoints with ~5 % bad inputs, bounded in
+# time (SOAK_MINUTES, default 20); reports the RSS slope, errors and latency to docs/soak.
+SOAK_MINUTES ?= 20
+soak: install dataset
+	$(BIN)/python -m convserve.loadtest.soak --minutes $(SOAK_MINUTES) --out docs/soak
 
 lint: install
 	$(BIN)/ruff check .

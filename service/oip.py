@@ -274,8 +274,18 @@ def build_response(
 
 # --- routes --------------------------------------------------------------------------------
 
+
+class OipError(BaseModel):
+    """The protocol's error body: its message alone."""
+
+    error: str
+
+
 router = APIRouter(prefix="/v2", tags=["v2"])
-INFER_ERRORS = documented_errors(400, 404, 413, 503, 504)
+# Malformed requests are all 400 in this protocol (415 and 422 are REST's).
+INFER_ERRORS = documented_errors(400, 404, 408, 413, 503, 504, model=OipError)
+MODEL_ERRORS = documented_errors(404, model=OipError)
+READY_ERRORS = documented_errors(404, 503, model=OipError)
 # A request carries one input: `input` (FP32 or UINT8 [N, C, H, W], or BYTES), or `image`
 # (BYTES [N]: encoded images). Metadata lists both, so a client that reads it finds the
 # encoded-image form as well as the tensor form.
@@ -320,33 +330,37 @@ async def live() -> dict:
     return {"live": True}
 
 
-@router.get("/health/ready", summary="Open Inference Protocol: readiness")
+@router.get("/health/ready", summary="Open Inference Protocol: readiness", responses=READY_ERRORS)
 async def ready(request: Request) -> JSONResponse:
     is_ready = current(request).pool.ready
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
 
-@router.get("/models/{name}", summary="Open Inference Protocol: model metadata")
+@router.get(
+    "/models/{name}", summary="Open Inference Protocol: model metadata", responses=MODEL_ERRORS
+)
 async def model_metadata(request: Request, name: str) -> dict:
     return _metadata(request, name, None)
 
 
-@router.get("/models/{name}/versions/{version}")
+@router.get("/models/{name}/versions/{version}", responses=MODEL_ERRORS)
 async def model_version_metadata(request: Request, name: str, version: str) -> dict:
     return _metadata(request, name, version)
 
 
-@router.get("/models/{name}/ready")
+@router.get("/models/{name}/ready", responses=READY_ERRORS)
 async def model_ready(request: Request, name: str) -> JSONResponse:
     return _ready(request, name, None)
 
 
-@router.get("/models/{name}/versions/{version}/ready")
+@router.get("/models/{name}/versions/{version}/ready", responses=READY_ERRORS)
 async def model_version_ready(request: Request, name: str, version: str) -> JSONResponse:
     return _ready(request, name, version)
 
 
-@router.get("/models/{name}/config", summary="Triton-style model configuration")
+@router.get(
+    "/models/{name}/config", summary="Triton-style model configuration", responses=MODEL_ERRORS
+)
 async def model_config(request: Request, name: str) -> dict:
     inference = current(request)
     served = inference.pool.get(name, None)

@@ -38,22 +38,24 @@ from convserve.service.wire import decode_base64, media_type
 router = APIRouter()
 
 
-def documented_errors(*statuses: int) -> dict:
-    """OpenAPI `responses` for these statuses, each with the error schema."""
+def documented_errors(*statuses: int, model: type = ErrorResponse) -> dict:
+    """OpenAPI `responses` for these statuses, each with the error schema (`model`)."""
     text = {
         400: "an image is empty, truncated or corrupt; a malformed body",
         404: "unknown model or version",
+        408: "the body did not arrive within the body timeout (the connection is closed)",
         413: "the body is over the size limit, or an image has too many pixels",
         415: "an image is not PNG, JPEG, WebP or GIF; an unsupported body type",
         422: "invalid parameters, images too small or too elongated, too many images, "
         "bad base64, a tensor of the wrong shape or dtype or with NaN/infinity",
-        503: "busy, queue full or overloaded: retry after Retry-After seconds",
+        503: "busy, too many slow uploads, queue full or overloaded, or not ready: retry after "
+        "Retry-After seconds",
         504: "inference missed the request deadline",
     }
-    return {s: {"model": ErrorResponse, "description": text[s]} for s in statuses}
+    return {s: {"model": model, "description": text[s]} for s in statuses}
 
 
-INFERENCE_ERRORS = documented_errors(400, 404, 413, 415, 422, 503, 504)
+INFERENCE_ERRORS = documented_errors(400, 404, 408, 413, 415, 422, 503, 504)
 MULTIPART_SCHEMA = {
     "type": "object",
     "required": ["images"],
