@@ -188,11 +188,13 @@ def batch_from_images(images: list[tuple[str, Image.Image]], spec: InputSpec) ->
     Each image is closed once its pixels are taken, so one full-size decode at a time is held
     (a 25 M pixel RGBA upload is ~100 MB decoded), not the whole request's."""
     pixels = np.empty((len(images), spec.channels, spec.height, spec.width), dtype=np.uint8)
+    done = 0
     try:
-        for i, (name, img) in enumerate(images):
-            pixels[i] = image_pixels(load(img, name=name), spec)
+        for name, img in images:
+            pixels[done] = image_pixels(load(img, name=name), spec)
             img.close()
+            done += 1
     finally:
-        for _, img in images:
-            img.close()  # after an error too: the rest are never decoded
+        for _, img in images[done:]:
+            img.close()  # after an error: the rest are never decoded
     return normalize(pixels, spec)

@@ -30,11 +30,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from convserve.errors import ConvserveError, InvalidInput, Overloaded
+from convserve.service.clock import Clock
 from convserve.service.errors import for_path
 
 COUNTED_METHODS = {"POST", "PUT", "PATCH"}
@@ -68,6 +69,7 @@ class Admission:
     max_pending_bodies: int = 64
     body_timeout_s: float = 10.0
     on_reject: Callable[[str], None] | None = None  # called with the error code
+    clock: Clock = field(default_factory=Clock)  # body deadlines (and the routes' watches)
     in_flight: int = 0
     held_bytes: int = 0
     pending_bodies: int = 0
@@ -105,38 +107,42 @@ class Admission:
             full = True
         chunks: list[bytes] = []
         size, started, slow = 0, 0.0, False
+        deadline = self.clock.deadline(self.body_timeout_s)
         try:
-            async with asyncio.timeout(self.body_timeout_s):
-                while True:
-                    message = await receive()
-                    chunk = _chunk(message)
-                    size += len(chunk)
-                    if size > self.max_body_bytes:
-                        raise self._too_large()
+            while True:
+                message = await receive()
+                chunk = _chunk(message)
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise self._too_large()
+                if not full:
+                    if size > held:
+                        if self._can_hold(size - held):
+                            held = size
+                        else:
+                            full = True
+                            chunks.clear()
                     if not full:
-                        if size > held:
-                            if self._can_hold(size - held):
-                                held = size
-                            else:
-                                full = True
-                                chunks.clear()
-                        if not full:
-                            chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        break
-                    if not started:
-                        started = time.monotonic()
-                    elif not slow and _is_slow(size, time.monotonic() - started):
-                        self._take_pending_place()
-                        slow = True
-        except TimeoutError:
+                        chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+                if not started:
+                    started = time.monotonic()
+                elif not slow and _is_slow(size, time.monotonic() - started):
+                    self._take_pending_place()
+                    slow = True
+        except asyncio.CancelledError:
             self.held_bytes -= held
+            if not deadline.expired:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
             message = f"the request body did not arrive within {self.body_timeout_s:g} s"
             raise self._reject(InvalidInput("body_timeout", message)) from None
         except BaseException:
             self.held_bytes -= held
             raise
         finally:
+            self.clock.clear(deadline)
             if slow:
                 self.pending_bodies -= 1
         if full:

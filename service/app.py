@@ -116,6 +116,7 @@ class Classifier:
             body_timeout_s=self.settings.body_timeout_s,
             on_reject=lambda code: self.metrics.rejected.labels(code).inc(),
         )
+        app.state.admission.clock.on_tick = self._sample_gauges
         app.state.on_error = app.state.admission.on_reject
         app.state.on_client_gone = self.metrics.client_gone.inc
         self.drain = Drain(self.settings.drain_s)
@@ -127,6 +128,13 @@ class Classifier:
                 served.classifier.provider,
                 self.settings.intra_op_threads,
             )
+
+    def _sample_gauges(self) -> None:
+        """Ten times a second (the request clock's tick), not on every request."""
+        self.metrics.in_flight.set(app.state.admission.in_flight)
+        for served in self.pool.models:
+            name, version = served.stored.tag.split(":", 1)
+            self.metrics.queued.labels(name, version).set(served.batcher.queued_images)
 
     @bentoml.on_startup
     async def warm_up(self) -> None:
@@ -149,6 +157,7 @@ class Classifier:
 
     @bentoml.on_shutdown
     def stop_batchers(self) -> None:
+        app.state.admission.clock.stop()
         if collector := getattr(self, "_collector", None):
             collector.cancel()
             gc.enable()  # at once: the loop may stop before the cancelled task runs again

@@ -95,20 +95,23 @@ class HotPath:
         body = await admission.admit(scope, receive, send)
         if body is None:
             return
-        watch = Watch(asyncio.current_task(), receive)
+        # From a tick on, a hang-up cancels this task (clock.py); cleared once the answer is
+        # ready, so from there a disconnect changes nothing.
+        clock = admission.clock
+        watch = clock.watch(receive)
         try:
             content_type, header_length = _headers(scope)
             kind, name, version = route
             if kind == "classify":
                 payload = await rest.classify(inference, scope["query_string"], content_type, body)
-                watch.stop()
+                clock.clear(watch)
                 await send_bytes(send, 200, payload)
             else:
                 assert name is not None
                 payload, json_length = await oip.infer(
                     inference, name, version, header_length, body
                 )
-                watch.stop()
+                clock.clear(watch)
                 if json_length is None:
                     await send_bytes(send, 200, payload)
                 else:
@@ -123,40 +126,14 @@ class HotPath:
             if hook := getattr(self.state, "on_client_gone", None):
                 hook()
         except ConvserveError as error:
-            watch.stop()
+            clock.clear(watch)
             if hook := getattr(self.state, "on_error", None):
                 hook(error.code)
             await send_error(scope, send, error)
         except Exception:
-            watch.stop()
+            clock.clear(watch)
             log.exception("unhandled error in %s", scope["path"])
             await send_error(scope, send, INTERNAL)
         finally:
-            watch.stop()
+            clock.clear(watch)
             admission.leave(body)
-
-
-class Watch:
-    """While a request waits for its answer, watch its connection: when the client hangs up,
-    cancel the request's task, so its images never reach ONNX Runtime. After the body, the
-    server's next message on `receive` is the disconnect (or the end, once answered)."""
-
-    __slots__ = ("gone", "_task", "_watcher")
-
-    def __init__(self, task: asyncio.Task | None, receive: Receive) -> None:
-        self.gone = False
-        self._task = task
-        self._watcher: asyncio.Task | None = asyncio.ensure_future(self._watch(receive))
-
-    async def _watch(self, receive: Receive) -> None:
-        message = await receive()
-        if message["type"] == "http.disconnect" and self._watcher is not None:
-            self.gone = True
-            if self._task is not None:
-                self._task.cancel()
-
-    def stop(self) -> None:
-        """The answer is ready: from here on a disconnect changes nothing."""
-        if self._watcher is not None:
-            self._watcher.cancel()
-            self._watcher = None

@@ -70,6 +70,22 @@ class ServiceMetrics:
             buckets=SECONDS_BUCKETS,
         )
 
+        self.images = prom.Counter(
+            "convserve_images_total",
+            "images run through ONNX Runtime",
+            model,
+        )
+        self.queued = prom.Gauge(
+            "convserve_queued_images",
+            "images waiting for inference (sampled ten times a second)",
+            model,
+            multiprocess_mode="livesum",
+        )
+        self.in_flight = prom.Gauge(
+            "convserve_in_flight_requests",
+            "inference requests admitted and not yet answered (sampled ten times a second)",
+            multiprocess_mode="livesum",
+        )
         self.client_gone = prom.Counter(
             "convserve_client_gone_requests_total",
             "inference requests whose client hung up before the answer; their images were "
@@ -88,8 +104,10 @@ class BatchMetrics:
         self._size = metrics.batch_size.labels(model, version)
         self._wait = metrics.queue_wait.labels(model, version)
         self._inference = metrics.inference.labels(model, version)
+        self._images = metrics.images.labels(model, version)
 
     def on_batch(self, images: int, queue_waits_s: Sequence[float], seconds: float) -> None:
+        self._images.inc(images)
         self._size.observe(images)
         self._inference.observe(seconds)
         for wait in queue_waits_s:
