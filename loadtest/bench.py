@@ -204,6 +204,16 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants now."""
+    root = psutil.Process(pid)
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += proc.memory_info().rss
+    return total
+
+
 class Sampler:
     """CPU (percent of one core, summed over the process tree) and peak RSS of a server."""
 

@@ -11,6 +11,9 @@ User classes (pick by name on the command line; without one, Locust mixes them a
   V2BinaryUser      Open Inference Protocol, FP32 tensor as binary data, 8 images
   ConstantRateUser  one PNG per request at CONVSERVE_LOCUST_RATE requests/s per user
                     (open loop: the offered load does not fall when the server slows down)
+  SoakUser          a mix at CONVSERVE_LOCUST_RATE requests/s per user: multipart and raw
+                    PNGs, .npy tensors, the OIP binary protocol, GET /models, and about 5 %
+                    bad inputs that must get their documented 4xx (`make soak`)
 A step load shape lives in loadtest/shapes.py (`-f loadtest/locustfile.py,loadtest/shapes.py`).
 
 Payloads are encoded once, at import. Every response is checked, not only its status: a
@@ -236,3 +239,64 @@ def _check_v2(content: bytes, headers, i: int) -> str | None:  # noqa: ANN001
 
 class ConstantRateUser(SingleImageUser):
     wait_time = constant_throughput(float(os.environ.get("CONVSERVE_LOCUST_RATE", "10")))
+
+
+# Bad inputs of the soak, with the status and error code each must get. Anything else fails.
+BAD: list[tuple[str, dict, int, str]] = [
+    ("/classify", {"files": {"images": ("x.png", PNGS[0][:60], "image/png")}}, 400,
+     "invalid_image"),
+    ("/classify", {"files": {"images": ("x.txt", b"not an image", "text/plain")}}, 415,
+     "unsupported_image"),
+    ("/classify?top_k=99", {"files": {"images": ("x.png", PNGS[0], "image/png")}}, 422,
+     "invalid_top_k"),
+    ("/classify?model=nope", {"files": {"images": ("x.png", PNGS[0], "image/png")}}, 404,
+     "model_not_found"),
+    ("/classify/tensor", {"data": b"\x93NUMPY junk", "headers": {"Content-Type":
+     "application/x-npy"}}, 422, "invalid_tensor"),
+]  # fmt: skip
+
+
+class SoakUser(_Checked):
+    """The soak's mixed traffic (weights: about 5 % bad inputs), at a constant rate."""
+
+    wait_time = constant_throughput(float(os.environ.get("CONVSERVE_LOCUST_RATE", "10")))
+
+    @task(40)
+    def multipart_png(self) -> None:
+        i = random.randrange(len(PNGS))
+        files = {"images": ("image.png", PNGS[i], "image/png")}
+        self._post("/classify?top_k=3", "/classify [multipart]", 1, ("png", i), files=files)
+
+    @task(20)
+    def raw_png(self) -> None:
+        i = random.randrange(len(PNGS))
+        headers = {"Content-Type": "image/png"}
+        self._post("/classify?top_k=3", "/classify [raw]", 1, ("png", i), data=PNGS[i],
+                   headers=headers)  # fmt: skip
+
+    @task(15)
+    def oip_binary(self) -> None:
+        V2BinaryUser.infer(self)  # type: ignore[arg-type]
+
+    @task(10)
+    def tensor(self) -> None:
+        TensorUser.classify(self)  # type: ignore[arg-type]
+
+    @task(10)
+    def models(self) -> None:
+        with self.client.get("/models", catch_response=True) as resp:
+            if resp.status_code != 200 or "models" not in resp.text:
+                resp.failure(f"HTTP {resp.status_code}")
+
+    @task(5)
+    def bad_input(self) -> None:
+        path, kw, status, code = random.choice(BAD)
+        with self.client.post(path, name="bad input", catch_response=True, **kw) as resp:
+            try:
+                got = resp.json()["error"]["code"]
+            except (ValueError, KeyError, TypeError):
+                got = None
+            if resp.status_code == status and got == code:
+                resp.success()
+            else:
+                resp.failure(f"bad input: expected {status} {code}, got {resp.status_code} {got}")

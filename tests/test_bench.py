@@ -4,6 +4,7 @@ Never a speed assertion; speeds are what the harness reports (docs/benchmarks.md
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -46,3 +47,25 @@ def test_quick_benchmark_runs_clean_and_writes_its_files(
     assert list((out / "raw").glob("*_stats.csv")) and list((out / "raw").glob("*.html"))
     summary = (out / "summary.md").read_text()
     assert "## Goals" in summary and "## In-process limit" in summary
+
+
+def test_short_soak_serves_the_mix_without_5xx_and_reports_memory(
+    quick_stored, bentoml_home, tmp_path
+):
+    """`make soak` in 30 seconds: the mix (with its bad inputs) at 80 % of capacity. The RSS
+    slope goal needs the long run's warm-up; here only that it is measured and reported."""
+    out = tmp_path / "soak"
+    cmd = [sys.executable, "-m", "convserve.loadtest.soak", "--minutes", "0.5",
+           "--capacity-s", "8", "--warmup-s", "5", "--sample-s", "1", "--report-s", "10",
+           "--model", "quick-lenet5:latest", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+    summary = json.loads((out / "summary.json").read_text())
+    print(done.stdout[-1500:])
+    assert summary["requests"] > 1000 and summary["failures"] == 0, done.stdout[-2000:]
+    assert summary["server_statuses"].get("5xx", 0) == 0
+    assert summary["server_statuses"]["4xx"] > 0  # the bad inputs were sent and refused
+    assert summary["endpoints"]["bad input"]["requests"] > 0
+    assert summary["rss_slope_mb_per_min"] == summary["rss_slope_mb_per_min"]  # not NaN
+    assert "soak: " in done.stdout and (out / "rss.png").stat().st_size > 0
+    assert (out / "soak.md").read_text().startswith("Soak of 0.5 min")
