@@ -148,6 +148,12 @@ def _ensure_default_model(tag: str, data_dir: str | None) -> None:
         raise SystemExit(status)
 
 
+def _cmd_classify(args: argparse.Namespace) -> int:
+    from convserve import client
+
+    return client.main(args.images, args.url, args.top_k, args.model, args.json)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.train_if_missing:
         for tag in args.models.split(","):
@@ -213,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for report.md (default: the run directory)")
     p.add_argument("--data-dir")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("classify", help="send images to a running server, print its answer")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, WebP, GIF)")
+    p.add_argument("--url", default=os.environ.get("CONVSERVE_URL", "http://127.0.0.1:3000"))
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--model", help="model name (default: the server's default model)")
+    p.add_argument("--json", action="store_true", help="print the server's JSON")
+    p.set_defaults(func=_cmd_classify)
 
     p = sub.add_parser("serve", help="serve a stored model over HTTP (bentoml serve)")
     p.add_argument(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -187,3 +188,42 @@ def test_unique_junk_paths_do_not_grow_metrics(server):
     print(f"/metrics grew by {len(text) - before} bytes after 10,000 unique junk paths")
     assert len(text) - before < 50_000, len(text) - before
     assert 'route="unmatched"' in text and "/junk/" not in text and "/pot/" not in text
+
+
+def test_the_classify_command_prints_labels_and_exits_non_zero_on_refusal(
+    server, fashion_test, tmp_path
+):
+    import subprocess
+    import sys
+
+    from convserve.spec import FASHION_MNIST_LABELS
+
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"test-{i}.png"
+        path.write_bytes(png(fashion_test.images[i]))
+        paths.append(str(path))
+    cmd = [sys.executable, "-m", "convserve", "classify", *paths, "--url", server]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 3
+    for i, line in enumerate(lines):
+        path, label, probability = line.split("\t")
+        assert path == paths[i] and label in FASHION_MNIST_LABELS and 0 < float(probability) <= 1
+    # The first Fashion-MNIST test image is an ankle boot; the trained model says so.
+    assert lines[0].split("\t")[1] == "Ankle boot"
+
+    top3 = subprocess.run([*cmd[:5], "--top-k", "3", "--url", server, "--json"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    results = json.loads(top3.stdout)["results"]
+    assert len(results) == 1 and len(results[0]["predictions"]) == 3
+
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(png(fashion_test.images[0])[:50])
+    bad = subprocess.run([*cmd[:4], str(corrupt), "--url", server],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 1 and "400 invalid_image" in bad.stderr, bad.stderr
+    gone = subprocess.run([*cmd[:5], "--url", "http://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert gone.returncode == 2 and "cannot reach" in gone.stderr
