@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from convserve.errors import ConvserveError, DeadlineExceeded, InvalidInput, Overloaded
+from convserve.service.requests_log import current
 
 log = logging.getLogger("convserve.errors")
 
@@ -60,6 +61,7 @@ OIP_PREFIX = "/v2"
 class ErrorBody(BaseModel):
     code: str
     message: str
+    request_id: str | None = None  # the X-Request-ID of the request
 
 
 class ErrorResponse(BaseModel):
@@ -85,15 +87,17 @@ def _retry_headers(error: ConvserveError) -> dict[str, str]:
 
 
 def rest(error: ConvserveError) -> WireError:
-    body = {"error": {"code": error.code, "message": error.message}}
+    body = {"error": {"code": error.code, "message": error.message, "request_id": current.get()}}
     return WireError(status_of(error), json.dumps(body).encode(), _retry_headers(error))
 
 
 def oip(error: ConvserveError) -> WireError:
-    """The Open Inference Protocol's error: its message alone; 400 for any malformed request."""
+    """The Open Inference Protocol's error: its message (and the request id); 400 for any
+    malformed request."""
     status = status_of(error)
     status = 400 if status in (415, 422) else status
-    return WireError(status, json.dumps({"error": error.message}).encode(), _retry_headers(error))
+    body = {"error": error.message, "request_id": current.get()}
+    return WireError(status, json.dumps(body).encode(), _retry_headers(error))
 
 
 def for_path(path: str, error: ConvserveError) -> WireError:

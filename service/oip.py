@@ -276,9 +276,10 @@ def build_response(
 
 
 class OipError(BaseModel):
-    """The protocol's error body: its message alone."""
+    """The protocol's error body: its message, and convserve's request id."""
 
     error: str
+    request_id: str | None = None
 
 
 router = APIRouter(prefix="/v2", tags=["v2"])

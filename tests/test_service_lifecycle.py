@@ -300,6 +300,37 @@ def test_sigterm_drains_then_finishes_in_flight_requests_and_exits_0(
     assert any(at > signalled for _, at in done), "no request was in flight at SIGTERM"
 
 
+def test_json_logs_have_one_line_per_request_and_per_error_with_the_request_id(
+    bentoml_home, quick_stored, fashion_test, tmp_path
+):
+    import json
+
+    log = tmp_path / "json.log"
+    proc, url = start_server(
+        bentoml_home, log, models="quick-lenet5:latest", log_format="json", access_log="true"
+    )
+    try:
+        image = png(fashion_test.images[0])
+        good = httpx.post(f"{url}/classify", files=[("images", ("a.png", image))],
+                          headers={"X-Request-ID": "good-1"})  # fmt: skip
+        bad = httpx.post(f"{url}/classify", files=[("images", ("b.png", b"not an image"))],
+                         headers={"X-Request-ID": "bad-1"})  # fmt: skip
+        assert good.status_code == 200 and bad.status_code == 415
+    finally:
+        assert stop_server(proc) == 0
+    lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in lines]
+    assert records, log.read_text()[-2000:]
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    access = {r["request_id"]: r for r in records if r["logger"] == "convserve.access"}
+    assert access["good-1"]["status"] == 200 and access["good-1"]["path"] == "/classify"
+    assert access["bad-1"]["status"] == 415 and access["good-1"]["ms"] > 0
+    errors = [r for r in records if r["logger"] == "convserve.errors"]
+    assert [(r["request_id"], r["code"]) for r in errors] == [("bad-1", "unsupported_image")]
+    # The service's own start-up lines are JSON too.
+    assert any("warm-up done" in r["message"] for r in records)
+
+
 def test_workers_each_load_the_model_and_share_the_cores(bentoml_home, quick_stored, tmp_path):
     log = tmp_path / "workers.log"
     proc, url = start_server(bentoml_home, log, models="quick-lenet5:latest", workers="2")
