@@ -18,6 +18,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
+from tqdm.auto import tqdm
 
 from convserve.export.verify import labelled_test_set
 from convserve.models.data import load_split
@@ -27,10 +28,13 @@ from convserve.spec import ModelSpec
 
 
 class _Batches(CalibrationDataReader):
+    """The calibration images in batches, with a progress bar (on a terminal)."""
+
     def __init__(self, input_name: str, images: np.ndarray, batch_size: int) -> None:
-        self._batches = iter(
-            [{input_name: images[i : i + batch_size]} for i in range(0, len(images), batch_size)]
-        )
+        batches = [
+            {input_name: images[i : i + batch_size]} for i in range(0, len(images), batch_size)
+        ]
+        self._batches = iter(tqdm(batches, desc="INT8 calibration", unit="batch", disable=None))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
@@ -87,10 +91,11 @@ class PrecisionReport:
         }
 
 
-def _accuracy(session: Any, x: np.ndarray, y: np.ndarray) -> float:
+def _accuracy(session: Any, x: np.ndarray, y: np.ndarray, desc: str = "") -> float:
     name = session.get_inputs()[0].name
+    starts = tqdm(range(0, len(x), 500), desc=f"accuracy ({desc})", unit="batch", disable=None)
     predicted = np.concatenate(
-        [session.run(None, {name: x[i : i + 500]})[0].argmax(1) for i in range(0, len(x), 500)]
+        [session.run(None, {name: x[i : i + 500]})[0].argmax(1) for i in starts]
     )
     return float((predicted == y).mean())
 
@@ -127,8 +132,8 @@ def compare_precisions(
     fp32, int8 = make_session(fp32_path, config), make_session(int8_path, config)
     fp32_ms, int8_ms = _ms_per_batch([fp32, int8], x_test[:batch_size], repeats)
     return PrecisionReport(
-        fp32_accuracy=_accuracy(fp32, x_test, y_test),
-        int8_accuracy=_accuracy(int8, x_test, y_test),
+        fp32_accuracy=_accuracy(fp32, x_test, y_test, "FP32"),
+        int8_accuracy=_accuracy(int8, x_test, y_test, "INT8"),
         fp32_ms_per_batch=fp32_ms,
         int8_ms_per_batch=int8_ms,
         batch_size=batch_size,

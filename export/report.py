@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
 
 from convserve.export.onnx_export import ExportConfig, export_onnx
 from convserve.export.quantize import quantize_with_report
@@ -42,7 +43,8 @@ def write_report(
     with torch.no_grad():
         predicted = np.concatenate(
             [model(torch.from_numpy(x_test[i : i + 500])).argmax(1).numpy()
-             for i in range(0, len(x_test), 500)]
+             for i in tqdm(range(0, len(x_test), 500), desc="report: test set", unit="batch",
+                           disable=None)]
         )  # fmt: skip
     per_class = [
         (label, float((predicted[y_test == c] == c).mean())) for c, label in enumerate(spec.labels)

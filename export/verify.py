@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from convserve.models.checkpoint import load_checkpoint
 from convserve.models.data import load_split
@@ -59,7 +60,8 @@ def check_parity(
     x, _ = labelled_test_set(spec, images, data_dir)
     onnx = OnnxClassifier(make_session(onnx_path))
     agree, max_diff = 0, 0.0
-    for i in range(0, len(x), batch_size):
+    batches = tqdm(range(0, len(x), batch_size), desc="parity", unit="batch", disable=None)
+    for i in batches:
         xb = x[i : i + batch_size]
         with torch.no_grad():
             expected = model(torch.from_numpy(xb)).numpy()
