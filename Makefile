@@ -7,11 +7,13 @@ BIN := $(VENV)/bin
 PORT ?= 3000
 HOST ?= 127.0.0.1
 DATASET := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-# The container test builds the image with buildah from a debootstrapped Debian base.
+# The container test builds the image with buildah from a debootstrapped Debian base; the page
+# tests drive Debian's chromium with Playwright (its own browser download is not used).
 CONTAINER_TOOLS := /usr/bin/buildah /usr/sbin/debootstrap
+BROWSER := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install dataset container-tools serve test test-fast lint bench profile fuzz soak clean
+.PHONY: install dataset container-tools browser serve test test-fast lint bench profile fuzz soak clean
 
 install: $(BIN)/.installed
 
@@ -36,7 +38,13 @@ $(CONTAINER_TOOLS):
 serve: install dataset
 	$(BIN)/convserve serve --train-if-missing --host $(HOST) --port $(PORT)
 
-test: install dataset container-tools
+browser: $(BROWSER)
+
+$(BROWSER):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq chromium
+
+test: install dataset container-tools browser
 	$(BIN)/python -m pytest
 
 test-fast: install dataset

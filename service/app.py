@@ -18,10 +18,13 @@ import asyncio
 import gc
 import importlib.util
 import logging
+from pathlib import Path
 
 import bentoml
 from fastapi import FastAPI
-from fastapi.responses import Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from convserve.service import errors, heap, oip, rest
 from convserve.service.admission import Admission, AdmissionMiddleware
@@ -30,17 +33,19 @@ from convserve.service.hotpath import HotPath, template_of
 from convserve.service.inference import Inference
 from convserve.service.metrics import RequestMetrics, exposition, service_metrics
 from convserve.service.pool import ModelPool, StartupError, preflight
+from convserve.service.requests_log import RequestIds, configure
 from convserve.service.settings import ServiceSettings
 
 log = logging.getLogger("convserve")
+errors_log = logging.getLogger("convserve.errors")
 # BentoML leaves the root logger at WARNING; the service's own lifecycle lines are INFO.
 log.setLevel(logging.INFO)
 
 app = FastAPI(
     title="convserve",
     description="CNN image classification on ONNX Runtime with adaptive batching. "
-    'Every error is JSON: {"error": {"code": ..., "message": ...}}.',
-    docs_url="/api/docs",
+    'Every error is JSON: {"error": {"code": ..., "message": ..., "request_id": ...}}.',
+    docs_url=None,  # served below, from local assets
     openapi_url="/api/openapi.json",
     redoc_url=None,
 )
@@ -48,6 +53,29 @@ app.add_middleware(AdmissionMiddleware)
 errors.install(app)
 app.include_router(rest.router)
 app.include_router(oip.router)
+
+
+STATIC = Path(__file__).resolve().parent / "static"
+app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+
+@app.get("/", include_in_schema=False)
+def demo_page() -> FileResponse:
+    """A page to drop images on: one self-contained file, no external URL."""
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@app.get("/api/docs", include_in_schema=False)
+def api_docs() -> HTMLResponse:
+    """Swagger UI from the assets shipped with the service, so it works offline."""
+    return get_swagger_ui_html(
+        openapi_url="/api/openapi.json",
+        title="convserve API",
+        swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+        swagger_css_url="/static/swagger-ui/swagger-ui.css",
+        swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
+        swagger_ui_parameters={"validatorUrl": None},  # no call to validator.swagger.io
+    )
 
 
 @app.get("/metrics", include_in_schema=False)
@@ -86,13 +114,18 @@ def _tracing(sample_rate: float) -> dict:
     # middleware per request; convserve keeps its own, bounded ones (metrics.py).
     metrics={"enabled": False},
     tracing=_tracing(_defined.trace_sample_rate),
-    logging={"access": {"enabled": _defined.access_log}},
+    # convserve writes its own access lines (with the request id), when CONVSERVE_ACCESS_LOG.
+    logging={"access": {"enabled": False}},
 )
-@bentoml.asgi_app(RequestMetrics(HotPath(app), template_of), path="/")
+@bentoml.asgi_app(
+    RequestIds(RequestMetrics(HotPath(app), template_of), access_log=_defined.access_log),
+    path="/",
+)
 class Classifier:
     @bentoml.on_deployment
     def verify_models() -> None:
         """Runs once in the serving process before workers start: fail fast, exit non-zero."""
+        configure(_defined.log_format)
         try:
             preflight(ServiceSettings())
         except (StartupError, ValueError) as exc:
@@ -101,6 +134,7 @@ class Classifier:
 
     def __init__(self) -> None:
         self.settings = ServiceSettings()
+        configure(self.settings.log_format)
         self.metrics = service_metrics()
         try:
             self.pool = ModelPool.load(self.settings, self.metrics)
@@ -114,10 +148,10 @@ class Classifier:
             max_held_bytes=self.settings.max_held_bytes,
             max_pending_bodies=self.settings.max_pending_bodies,
             body_timeout_s=self.settings.body_timeout_s,
-            on_reject=lambda code: self.metrics.rejected.labels(code).inc(),
+            on_reject=self._on_error,
         )
         app.state.admission.clock.on_tick = self._sample_gauges
-        app.state.on_error = app.state.admission.on_reject
+        app.state.on_error = self._on_error
         app.state.on_client_gone = self.metrics.client_gone.inc
         self.drain = Drain(self.settings.drain_s)
         for served in self.pool.models:
@@ -128,6 +162,11 @@ class Classifier:
                 served.classifier.provider,
                 self.settings.intra_op_threads,
             )
+
+    def _on_error(self, code: str) -> None:
+        """Every error answer: counted, and one log line (with the request id)."""
+        self.metrics.rejected.labels(code).inc()
+        errors_log.info("answered %s", code, extra={"code": code})
 
     def _sample_gauges(self) -> None:
         """Ten times a second (the request clock's tick), not on every request."""

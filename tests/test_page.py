@@ -1,0 +1,128 @@
+"""The demo page (GET /) and the API docs (/api/docs) in a real browser: Debian's chromium,
+driven by Playwright, against a real `bentoml serve`. Every request to a host other than the
+server is blocked and recorded, so the page and the docs are proven to need nothing else.
+Screenshots go to build/screenshots (kept as CI artifacts)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+from PIL import Image
+from serving import ROOT, start_server, stop_server
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = ROOT / "build" / "screenshots"
+
+
+@pytest.fixture(scope="module")
+def page_server(default_stored, bentoml_home, tmp_path_factory):
+    log = tmp_path_factory.mktemp("page") / "server.log"
+    proc, url = start_server(bentoml_home, log, models="fashion-lenet5:latest")
+    yield url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert shutil.which(CHROMIUM), "chromium is not installed (make test installs it)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, page_server):
+    """A page whose every request off the server's host is aborted and recorded."""
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    page = context.new_page()
+    blocked: list[str] = []
+    allowed = urlparse(page_server).netloc
+
+    def gate(route):  # noqa: ANN001 - Playwright's Route
+        url = route.request.url
+        if urlparse(url).netloc == allowed or url.startswith(("data:", "blob:")):
+            route.continue_()
+        else:
+            blocked.append(url)
+            route.abort()
+
+    page.route("**/*", gate)
+    page.blocked = blocked  # type: ignore[attr-defined]
+    yield page
+    context.close()
+
+
+def _png_file(tmp_path: Path, name: str, pixels) -> Path:  # noqa: ANN001
+    path = tmp_path / name
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def test_uploading_a_test_image_shows_its_label_with_bars_and_latency(
+    page, page_server, fashion_test, tmp_path
+):
+    boot = _png_file(tmp_path, "ankle-boot.png", fashion_test.images[0])  # label 9: Ankle boot
+    trouser = _png_file(tmp_path, "trouser.png", fashion_test.images[2])  # label 1: Trouser
+    page.goto(page_server + "/")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    assert page.input_value("#model") == "fashion-lenet5"
+    page.set_input_files("#files", [str(boot), str(trouser)])
+    page.wait_for_selector(".card >> nth=1")
+    cards = page.locator(".card")
+    first = cards.nth(0).locator(".bar").first.inner_text()
+    second = cards.nth(1).locator(".bar").first.inner_text()
+    assert first.startswith("Ankle boot") and second.startswith("Trouser"), (first, second)
+    assert cards.nth(0).locator(".bar").count() == 3  # top-k bars, 3 by default
+    status = page.inner_text("#status")
+    assert "2 image(s) by fashion-lenet5:" in status and " ms " in status
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "demo-page.png"), full_page=True)
+    assert page.blocked == []  # type: ignore[attr-defined]
+
+
+def test_a_corrupt_file_shows_the_api_error_message(page, page_server, fashion_test, tmp_path):
+    good = _png_file(tmp_path, "x.png", fashion_test.images[0]).read_bytes()
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(good[:60])
+    expected = httpx.post(
+        f"{page_server}/classify", files=[("images", ("corrupt.png", corrupt.read_bytes()))]
+    ).json()["error"]
+    page.goto(page_server + "/")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page.set_input_files("#files", str(corrupt))
+    page.wait_for_selector("#status.error")
+    shown = page.inner_text("#status")
+    assert shown == f"400 {expected['code']}: {expected['message']}", shown
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "demo-page-error.png"))
+    assert page.blocked == []  # type: ignore[attr-defined]
+
+
+def test_api_docs_render_the_classify_operation_offline(page, page_server):
+    page.goto(page_server + "/api/docs")
+    page.wait_for_selector(".opblock-summary-path", timeout=20_000)
+    paths = page.locator(".opblock-summary-path").all_inner_texts()
+    assert any(p.strip().replace("\u200b", "") == "/classify" for p in paths), paths
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "api-docs.png"))
+    assert page.blocked == []  # type: ignore[attr-defined]
+
+
+def test_the_page_and_docs_reference_no_external_url(page_server):
+    for path in ("/", "/api/docs"):
+        html = httpx.get(page_server + path).text
+        assert "http://" not in html and "https://" not in html, path
