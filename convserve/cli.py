@@ -154,6 +154,12 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     return client.main(args.images, args.url, args.top_k, args.model, args.json)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:  # reached only through main's dispatch
+    from convserve.loadtest import bench
+
+    return bench.main(args.bench_args)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.train_if_missing:
         for tag in args.models.split(","):
@@ -228,6 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the server's JSON")
     p.set_defaults(func=_cmd_classify)
 
+    p = sub.add_parser(
+        "bench",
+        help="the benchmark harness: convserve against in-process ONNX Runtime and its peers "
+        "(options: convserve bench --help)",
+        add_help=False,
+    )
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_bench)
+
     p = sub.add_parser("serve", help="serve a stored model over HTTP (bentoml serve)")
     p.add_argument(
         "--models",
@@ -250,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # every option after `bench` is the harness's own
+        from convserve.loadtest import bench
+
+        return bench.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

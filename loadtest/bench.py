@@ -564,7 +564,7 @@ def _machine() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="convserve bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one short scenario (smoke test)")
     parser.add_argument("--out", default="docs/bench")
     parser.add_argument("--seconds", type=int, help="per run (default 15, quick 5)")

@@ -52,3 +52,17 @@ def test_summary_covers_every_model(name: str):
     model = models.create_model(name, in_channels=1, input_size=28, num_classes=10)
     rows = summarize(model, in_channels=1, input_size=28)
     assert rows[-1].size == 10  # the classifier's output
+
+
+def test_version_and_the_bench_command_reach_their_programs(capsys):
+    import pytest
+
+    from convserve import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"convserve {__version__}"
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "--help"])  # every option after `bench` is the harness's
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "usage: convserve bench" in out and "--quick" in out
