@@ -227,3 +227,42 @@ def test_the_classify_command_prints_labels_and_exits_non_zero_on_refusal(
     gone = subprocess.run([*cmd[:5], "--url", "http://127.0.0.1:9"],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert gone.returncode == 2 and "cannot reach" in gone.stderr
+
+
+def test_every_answer_carries_a_request_id_and_errors_repeat_it(client, fashion_test):
+    ok = client.post("/classify", files=[("images", ("a.png", png(fashion_test.images[0])))])
+    generated = ok.headers["x-request-id"]
+    assert ok.status_code == 200 and len(generated) == 32 and int(generated, 16) >= 0
+    headers = {"X-Request-ID": "trace-42", "Content-Type": "image/png"}
+    mine = client.post("/classify", content=b"junk", headers=headers)
+    assert mine.headers["x-request-id"] == "trace-42"
+    assert mine.status_code == 415 and mine.json()["error"]["request_id"] == "trace-42"
+    oip = client.post(
+        "/v2/models/fashion-lenet5/infer", content=b"{", headers={"X-Request-ID": "t-2"}
+    )
+    assert oip.status_code == 400 and oip.json()["request_id"] == "t-2"
+    # A header that is not a sane token is replaced, never echoed.
+    odd = client.get("/models", headers={"X-Request-ID": "a b\tc" + "x" * 200})
+    assert odd.headers["x-request-id"] != "a b\tc" and len(odd.headers["x-request-id"]) == 32
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_service_exports(client, fashion_test):
+    import re
+
+    files = [("images", (f"{i}.png", png(img))) for i, img in enumerate(fashion_test.images[:4])]
+    assert client.post("/classify", files=files).status_code == 200
+    exported = client.get("/metrics").text
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "convserve.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    names = set(re.findall(r"convserve_[a-z_]+", " ".join(exprs)))
+    assert len(names) >= 10
+    declared = (ROOT / "service" / "metrics.py").read_text()
+    for name in names:
+        family = re.sub(r"_(bucket|sum|count)$", "", name)  # a histogram's series
+        # Exported, or declared: in multiprocess mode a counter that has not counted yet
+        # (no drops, no hang-ups) has no series until it does.
+        assert f"# TYPE {family} " in exported or f'"{family}"' in declared, name
+    # Every label the dashboard groups by is one the metrics carry (or declare).
+    for label in set(re.findall(r"by \(([a-z_, ]+)\)", " ".join(exprs))):
+        for key in (k.strip() for k in label.split(",")):
+            assert key == "le" or f'{key}="' in exported or f'"{key}"' in declared, key
