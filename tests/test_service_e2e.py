@@ -266,3 +266,40 @@ def test_the_grafana_dashboard_queries_only_metrics_the_service_exports(client, 
     for label in set(re.findall(r"by \(([a-z_, ]+)\)", " ".join(exprs))):
         for key in (k.strip() for k in label.split(",")):
             assert key == "le" or f'{key}="' in exported or f'"{key}"' in declared, key
+
+
+def _readme_commands() -> list[str]:
+    """The README's shell examples that talk to a running server, one command each, in order
+    (a later one may use a file an earlier one wrote)."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        lines = [line.split("  # ")[0].strip() for line in joined.splitlines()]
+        # Requests and the files they send; not set-up (`make serve`), load tests or synopses.
+        lines = [line for line in lines if line.startswith(("curl ", ".venv/bin/"))]
+        if "127.0.0.1:3000" in " ".join(lines) and "[--" not in block:
+            commands += lines
+    return commands
+
+
+def test_every_readme_example_runs_as_written_against_a_running_server(server, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    commands = _readme_commands()
+    assert len(commands) >= 10 and any("pixels.u8" in c for c in commands)
+    venv_bin = str(Path(sys.executable).parent) + "/"
+    for command in commands:
+        shell = command.replace(".venv/bin/", venv_bin).replace("http://127.0.0.1:3000", server)
+        env = {**os.environ, "CONVSERVE_URL": server}  # `convserve classify`'s default URL
+        done = subprocess.run(["bash", "-c", "set -euo pipefail; " + shell], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+        assert done.returncode == 0, (command, done.stdout[-500:], done.stderr[-500:])
+        if command.startswith("curl"):
+            answer = json.loads(done.stdout)
+            assert "error" not in answer, (command, answer)
+            assert "results" in answer or "models" in answer, (command, answer)
