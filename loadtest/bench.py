@@ -32,6 +32,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from convserve.loadtest.scrape import batching, scrape
+
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 PEERS = "convserve.loadtest.peers"
@@ -72,6 +74,7 @@ class Result:
     cpu_percent: float
     peak_rss_mb: float
     cpu_us_per_request: float = 0.0  # server CPU (its process tree) per completed request
+    batching: dict | None = None  # convserve's own /metrics over the run (scrape.batching)
 
 
 def _free_port() -> int:
@@ -415,6 +418,8 @@ def run(args: argparse.Namespace) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     raw.mkdir(parents=True)
     scenarios = _scenarios(args.quick)
+    if args.servers:
+        scenarios = [s for s in scenarios if s.server in args.servers.split(",")]
     seconds = args.seconds or (5 if args.quick else 15)
     server_prefix, load_prefix = _cores()
     threads = len(os.sched_getaffinity(0)) // 2 if server_prefix else 1
@@ -472,8 +477,11 @@ def run(args: argparse.Namespace) -> Path:
                         f"(about {eta // 60:.0f} min {eta % 60:02.0f} s left)",
                         flush=True,
                     )
+                    ours = server.name.startswith("convserve")
+                    before = scrape(url) if ours else None
                     with Sampler(proc.pid) as sampler:
                         row = _locust(url, scenario, users, seconds, load_prefix, raw, load_env)
+                    batches = batching(before, scrape(url)) if before is not None else None
                     rps = float(row["Requests/s"])
                     results.append(
                         Result(
@@ -492,6 +500,7 @@ def run(args: argparse.Namespace) -> Path:
                             cpu_us_per_request=1e6
                             * sampler.cpu_used
                             / max(1, int(row["Request Count"])),
+                            batching=batches,
                         )
                     )
                     r = results[-1]
@@ -579,6 +588,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the PyTorch checkpoint of that model, for the PyTorch peers",
     )
     parser.add_argument("--resnet-checkpoint", help="a trained resnet20 (default: untrained)")
+    parser.add_argument(
+        "--servers", help="only these servers' scenarios, comma-separated (e.g. convserve)"
+    )
     args = parser.parse_args(argv)
     out = run(args)
     print(f"results in {out}/ (summary.md, results.json, results.csv, plots, raw/)")

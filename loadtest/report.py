@@ -62,6 +62,7 @@ def plot(results: list, out: Path) -> None:
     fig.savefig(out / "latency_vs_throughput.png", dpi=120)
     plt.close(fig)
 
+    plot_batching(results, out)
     _against_users(
         single,
         names,
@@ -71,6 +72,65 @@ def plot(results: list, out: Path) -> None:
         "LeNet-5, one image per request: p99 latency",
         out / "p99_vs_users.png",
     )
+
+
+def _batched(results: list) -> list:
+    return [r for r in results if r.batching and r.batching.get("batch_count")]
+
+
+def plot_batching(results: list, out: Path) -> bool:
+    """From convserve's own /metrics: the batch-size distribution and the queue-wait CDF of
+    each run (is batching happening, and what does it cost in waiting?)."""
+    runs = _batched(results)
+    if not runs:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for r in runs:
+        label = f"{r.scenario}, {r.server}, {r.users} u"
+        cum = [(float(le) if le != "+Inf" else None, c) for le, c in r.batching["batch_cumulative"]]
+        bounds = [le for le, _ in cum if le is not None]
+        counts = [c for le, c in cum if le is not None]
+        per_bucket = [b - a for a, b in zip([0.0, *counts[:-1]], counts, strict=True)]
+        total = r.batching["batch_count"]
+        left.plot(bounds, [c / total for c in per_bucket], "o-", label=label)
+        wait = [(float(le), c) for le, c in r.batching["wait_cumulative"] if le != "+Inf"]
+        waited = r.batching["wait_count"]
+        if wait and waited:
+            fractions = [c / waited for _, c in wait]
+            right.step([1e3 * le for le, _ in wait], fractions, where="post", label=label)
+    left.set(xscale="log", xlabel="images per ONNX Runtime call (bucket upper bound)",
+             ylabel="fraction of batches", title="Batch sizes")  # fmt: skip
+    right.set(xscale="log", xlabel="queue wait (ms, bucket upper bound)",
+              ylabel="fraction of requests waiting at most this", title="Queue wait (CDF)",
+              ylim=(0, 1.02))  # fmt: skip
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "batching.png", dpi=120)
+    plt.close(fig)
+    return True
+
+
+def batching_table(results: list) -> list[str]:
+    lines = [
+        "| scenario | server | users | batches | mean images per batch | batch p50 / p99 "
+        "(bucket) | queue wait p50 / p99 (bucket) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in _batched(results):
+        b = r.batching
+
+        def ms(v):  # noqa: ANN001, ANN202
+            return "–" if v is None else f"≤ {1e3 * v:g} ms"
+
+        def n(v):  # noqa: ANN001, ANN202
+            return "–" if v is None else f"≤ {v:g}"
+
+        lines.append(f"| {r.scenario} | {r.server} | {r.users} | {b['batch_count']:,.0f} | "
+                     f"{b['batch_mean']:.1f} | {n(b['batch_p50'])} / {n(b['batch_p99'])} | "
+                     f"{ms(b['wait_p50'])} / {ms(b['wait_p99'])} |")  # fmt: skip
+    return lines
 
 
 def _find(results: list, scenario: str, server: str, users: int):  # noqa: ANN202
@@ -218,6 +278,21 @@ def summary(
             for r in results
         ),
         "",
+        *(
+            [
+                "## Batching (from convserve's own /metrics)",
+                "",
+                "Scraped before and after each convserve run and subtracted: how many images "
+                "each ONNX Runtime call took, and how long requests waited in the batcher.",
+                "",
+                *batching_table(results),
+                "",
+                "![batching](batching.png)",
+                "",
+            ]
+            if _batched(results)
+            else []
+        ),
         "## In-process limit (ONNX Runtime, no HTTP)",
         "",
         "| model | batch | p50 ms per batch | images/s |",

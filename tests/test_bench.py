@@ -43,10 +43,18 @@ def test_quick_benchmark_runs_clean_and_writes_its_files(
     results = json.loads((out / "results.json").read_text())
     runs = results["results"]
     assert runs and all(r["failures"] == 0 and r["requests"] > 0 for r in runs)
+    # convserve's own /metrics were scraped around each run: batches happened and were counted.
+    for r in runs:
+        batching = r["batching"]
+        assert batching["batch_count"] > 0 and batching["batch_mean"] >= 1, batching
+        assert batching["wait_count"] >= 1  # every request queued once per batch it joined
+        assert batching["batch_cumulative"][-1][1] == batching["batch_count"]
+    assert (out / "batching.png").stat().st_size > 0
     assert results["in_process"]["lenet5"]["batches"]
     assert list((out / "raw").glob("*_stats.csv")) and list((out / "raw").glob("*.html"))
     summary = (out / "summary.md").read_text()
     assert "## Goals" in summary and "## In-process limit" in summary
+    assert "## Batching (from convserve's own /metrics)" in summary
 
 
 def test_short_soak_serves_the_mix_without_5xx_and_reports_memory(
