@@ -38,13 +38,19 @@ $(CONTAINER_TOOLS):
 serve: install dataset
 	$(BIN)/convserve serve --train-if-missing --host $(HOST) --port $(PORT)
 
+# KServe's published SDK, read (never installed) by the test of deploy/kserve: its schema.
+KSERVE_WHEEL := .cache/kserve/kserve-0.15.2-py3-none-any.whl
+
 browser: $(BROWSER)
+
+$(KSERVE_WHEEL): $(BIN)/.installed
+	$(BIN)/python -m pip download --quiet --no-deps kserve==0.15.2 -d .cache/kserve
 
 $(BROWSER):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq chromium
 
-test: install dataset container-tools browser
+test: install dataset container-tools browser $(KSERVE_WHEEL)
 	$(BIN)/python -m pytest
 
 test-fast: install dataset
