@@ -288,6 +288,11 @@ def test_image_is_lean_non_root_and_serves(image, fashion_test):
         )
         assert resp.status_code == 200, resp.text
         assert resp.json()["results"][0]["predictions"][0]["label"] == "Ankle boot"
+        # The demo page and the Swagger UI assets ship inside the image (package data).
+        page = httpx.get(f"{url}/")
+        assert page.status_code == 200 and "<title>convserve</title>" in page.text
+        bundle = httpx.get(f"{url}/static/swagger-ui/swagger-ui-bundle.js")
+        assert bundle.status_code == 200 and len(bundle.content) > 500_000
         uids = set(_serving_processes().values())
         assert uids and 0 not in uids, uids
         ready = (ROOT / "build" / "container-run.log").read_text()

@@ -5,7 +5,6 @@ what load it holds and what it asserts; docs/reliability.md collects the figures
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import os
 import re
@@ -21,6 +20,8 @@ import psutil
 import pytest
 from PIL import Image
 from serving import start_server, stop_server, wait_ready
+
+from convserve.loadtest.bench import tree_rss
 
 pytestmark = pytest.mark.slow
 
@@ -56,15 +57,6 @@ def metric(url: str, name: str, **labels: str) -> float:
             head = line.split()[0]
             if head == name or head.startswith(name + "{"):
                 total += float(line.split()[-1])
-    return total
-
-
-def tree_rss(pid: int) -> int:
-    proc = psutil.Process(pid)
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
     return total
 
 
