@@ -53,7 +53,7 @@ $(BROWSER):
 test: install dataset container-tools browser $(KSERVE_WHEEL)
 	$(BIN)/python -m pytest
 
-test-fast: install dataset
+test-fast: install dataset $(KSERVE_WHEEL)
 	$(BIN)/python -m pytest -m "not slow"
 
 # Long runs, never part of `make test`: both need a served model in the store (`make serve`

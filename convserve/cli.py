@@ -154,12 +154,6 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     return client.main(args.images, args.url, args.top_k, args.model, args.json)
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:  # reached only through main's dispatch
-    from convserve.loadtest import bench
-
-    return bench.main(args.bench_args)
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.train_if_missing:
         for tag in args.models.split(","):
@@ -238,10 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="the benchmark harness: convserve against in-process ONNX Runtime and its peers "
         "(options: convserve bench --help)",
-        add_help=False,
+        add_help=False,  # listed here for --help; main() hands its arguments to the harness
     )
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("serve", help="serve a stored model over HTTP (bentoml serve)")
     p.add_argument(

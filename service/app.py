@@ -118,7 +118,7 @@ def _tracing(sample_rate: float) -> dict:
     logging={"access": {"enabled": False}},
 )
 @bentoml.asgi_app(
-    RequestIds(RequestMetrics(HotPath(app), template_of), access_log=_defined.access_log),
+    RequestIds(RequestMetrics(HotPath(app), template_of, access_log=_defined.access_log)),
     path="/",
 )
 class Classifier:

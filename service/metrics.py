@@ -19,6 +19,8 @@ from typing import Any
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from convserve.service.requests_log import log_access
+
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -138,13 +140,17 @@ def exposition() -> tuple[bytes, str]:
 
 
 class RequestMetrics:
-    """ASGI: counts every HTTP request by route template, method and status, and times it.
-    `route_of(scope)` names the routes answered before FastAPI routes them (the raw path);
-    FastAPI's own routes are found in the scope after routing."""
+    """ASGI: counts every HTTP request by route template, method and status, and times it;
+    with `access_log`, also writes its access line. `route_of(scope)` names the routes
+    answered before FastAPI routes them (the raw path); FastAPI's own routes are found in the
+    scope after routing."""
 
-    def __init__(self, app: ASGIApp, route_of: Callable[[Scope], str | None]) -> None:
+    def __init__(
+        self, app: ASGIApp, route_of: Callable[[Scope], str | None], access_log: bool = False
+    ) -> None:
         self.app = app
         self.route_of = route_of
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -169,8 +175,11 @@ class RequestMetrics:
             route = self.route_of(scope) or _template(scope)
             method = scope["method"] if scope["method"] in METHODS else "other"
             count, duration = _children(route, method, status)
+            seconds = time.perf_counter() - started
             count.inc()
-            duration.observe(time.perf_counter() - started)
+            duration.observe(seconds)
+            if self.access_log:
+                log_access(scope["method"], scope["path"], status, seconds)
 
 
 @functools.lru_cache(maxsize=1024)  # labels come from bounded sets; the cache spares lookups

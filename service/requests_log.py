@@ -40,9 +40,8 @@ class RequestIds:
     """ASGI, outermost of convserve's layers: one id per HTTP request, set before anything
     else runs and echoed on the response."""
 
-    def __init__(self, app: ASGIApp, access_log: bool = False) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -50,32 +49,25 @@ class RequestIds:
             return
         request_id = _incoming(scope) or os.urandom(16).hex()
         header = (HEADER, request_id.encode())
-        status = 0
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
         token = current.set(request_id)
-        started = time.perf_counter()
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            if self.access_log:
-                ms = 1000 * (time.perf_counter() - started)
-                access.info(
-                    "%s %s %d %.1f ms",
-                    scope["method"],
-                    scope["path"],
-                    status or 499,
-                    ms,
-                    extra={"method": scope["method"], "path": scope["path"],
-                           "status": status or 499, "ms": round(ms, 2)},
-                )  # fmt: skip
             current.reset(token)
+
+
+def log_access(method: str, path: str, status: int, seconds: float) -> None:
+    """The access line of one request (RequestMetrics, which already has its status and time,
+    writes it while the request id is still set)."""
+    ms = 1000 * seconds
+    fields = {"method": method, "path": path, "status": status, "ms": round(ms, 2)}
+    access.info("%s %s %d %.1f ms", method, path, status, ms, extra=fields)
 
 
 class WithRequestId(logging.Filter):
