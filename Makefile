@@ -61,7 +61,14 @@ test-fast: install dataset $(KSERVE_WHEEL)
 bench: install dataset
 	$(BIN)/python -m convserve.loadtest.bench --out docs/bench --checkpoint runs/default/best.pt
 
-profile: install
+# wrk measures the HTTP floors beside the profile (the profile runs without it, floors left out).
+WRK := /usr/bin/wrk
+
+$(WRK):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq wrk
+
+profile: install $(WRK)
 	$(BIN)/python -m convserve.loadtest.profile --out docs/bench/profile --label now
 
 # The fuzz tests with 2,000 cases per operation and decoder (the default run uses 200).
