@@ -1,11 +1,13 @@
-"""The one preprocessing path: encoded image bytes, or uint8 pixels, to a model's input.
+"""The one preprocessing path: encoded image bytes, or uint8 pixels, to a model's input, as the
+model's recipe (`InputSpec`) says.
 
-Training evaluation, export parity, INT8 calibration, the known answer, the service and the
-load tests all come through here, so a model sees the same numbers wherever it runs:
+Training evaluation, export parity, INT8 calibration, the known answer, import, the service and
+the load tests all come through here, so a model sees the same numbers wherever it runs:
 
-    from_bytes(data, spec)    PNG/JPEG/WebP/GIF bytes -> C x H x W float32, normalized
-    from_pixels(images, spec) uint8 N x H x W (x C)   -> N x C x H x W float32, normalized
-    normalize(pixels, spec)   uint8 ... x C x H x W   -> float32, the one normalization
+    from_bytes(data, spec)      PNG/JPEG/WebP/GIF bytes -> one input (C x H x W, or H x W x C)
+    from_pixels(images, spec)   uint8 N x H x W (x C)   -> N inputs, the model's layout and dtype
+    decode_batch(images, spec)  opened images           -> N inputs, and where each upload landed
+    normalize(pixels, spec)     uint8 ... x C x H x W   -> float32, the one normalization
 
 Decoding is safe for untrusted bytes: the format comes from the bytes, sizes are checked from
 the header before pixels are decoded, and every failure is an `InvalidInput` with a stable code.
@@ -28,6 +30,12 @@ from convserve.spec import InputSpec
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 # Alpha is composited on black: Fashion-MNIST garments are light on a black background.
 BACKGROUND = 0
+RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
 
 def _has_allowed_signature(data: bytes) -> bool:
@@ -42,6 +50,29 @@ class ImageLimits:
     max_pixels: int = 25_000_000
     min_side: int = 1
     max_aspect_ratio: float = math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where an upload's pixels landed in the model input: input = upload * scale + offset,
+    per axis. `width` and `height` are the upload's own (after its EXIF orientation)."""
+
+    width: int
+    height: int
+    scale_x: float = 1.0
+    scale_y: float = 1.0
+    offset_x: float = 0.0
+    offset_y: float = 0.0
+
+    def to_upload(self, boxes: np.ndarray) -> np.ndarray:
+        """boxes: ... x 4 (x1, y1, x2, y2) in input pixels -> the upload's pixels, clipped to
+        the upload."""
+        out = np.empty_like(boxes, dtype=np.float64)
+        out[..., 0::2] = (boxes[..., 0::2] - self.offset_x) / self.scale_x
+        out[..., 1::2] = (boxes[..., 1::2] - self.offset_y) / self.scale_y
+        np.clip(out[..., 0::2], 0, self.width, out=out[..., 0::2])
+        np.clip(out[..., 1::2], 0, self.height, out=out[..., 1::2])
+        return out
 
 
 def open_image(
@@ -69,24 +100,33 @@ def open_image(
         raise InvalidInput("invalid_image", f"{name} could not be read as an image") from None
     width, height = img.size
     if width < 1 or height < 1:
+        img.close()
         raise InvalidInput("invalid_image", f"{name} has no pixels")
+    problem = _size_problem(width, height, limits, name)
+    if problem is not None:
+        img.close()
+        raise problem
+    return img
+
+
+def _size_problem(width: int, height: int, limits: ImageLimits, name: str) -> InvalidInput | None:
     if width * height > limits.max_pixels:
-        raise InvalidInput(
+        return InvalidInput(
             "image_too_large",
             f"{name} is {width}x{height} pixels; at most {limits.max_pixels} pixels are accepted",
         )
     if min(width, height) < limits.min_side:
-        raise InvalidInput(
+        return InvalidInput(
             "image_too_small",
             f"{name} is {width}x{height} pixels; each side must be at least {limits.min_side}",
         )
     if max(width, height) / min(width, height) > limits.max_aspect_ratio:
-        raise InvalidInput(
+        return InvalidInput(
             "bad_aspect_ratio",
             f"{name} is {width}x{height} pixels; the aspect ratio may be at most "
             f"{limits.max_aspect_ratio:g}:1",
         )
-    return img
+    return None
 
 
 def load(img: Image.Image, *, name: str = "image") -> Image.Image:
@@ -128,73 +168,186 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def image_pixels(img: Image.Image, spec: InputSpec) -> np.ndarray:
-    """Any-size, any-mode image -> uint8 C x H x W in the model's channels and size."""
+def _canvas(img: Image.Image, width: int, height: int, left: int, top: int, fill: int):
+    """`img` pasted at (left, top) on a width x height canvas of `fill`."""
+    canvas = Image.new(img.mode, (width, height), (fill,) * len(img.getbands()))
+    canvas.paste(img, (left, top))
+    return canvas
+
+
+def _resized(img: Image.Image, spec: InputSpec) -> tuple[Image.Image, Placement]:
+    """The recipe's resize: `img` (already in the model's channels) -> the input's size, and
+    where the upload's pixels landed."""
+    w, h = img.size
+    W, H = spec.width, spec.height  # noqa: N806 - the input's size, as the recipe names it
+    filt = RESAMPLING[spec.interpolation]
+    if spec.resize == "stretch":
+        if (w, h) != (W, H):
+            img = img.resize((W, H), filt)
+        return img, Placement(w, h, W / w, H / h)
+    if spec.resize == "crop":
+        # torchvision's Resize(resize_to) + CenterCrop((H, W)), on PIL images, exactly.
+        assert spec.resize_to is not None
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = spec.resize_to, int(spec.resize_to * long / short)
+        nw, nh = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), filt)
+        if nw < W or nh < H:  # narrower than the crop: centred on the pad value, as torchvision
+            pw, ph = max(W, nw), max(H, nh)
+            img = _canvas(img, pw, ph, (pw - nw) // 2, (ph - nh) // 2, spec.pad_value)
+            shift_x, shift_y = (pw - nw) // 2, (ph - nh) // 2
+            nw, nh = pw, ph
+        else:
+            shift_x = shift_y = 0
+        top, left = int(round((nh - H) / 2.0)), int(round((nw - W) / 2.0))
+        if (left, top, W, H) != (0, 0, nw, nh):
+            img = img.crop((left, top, left + W, top + H))
+        sx, sy = (nw - 2 * shift_x) / w, (nh - 2 * shift_y) / h
+        return img, Placement(w, h, sx, sy, shift_x - left, shift_y - top)
+    if spec.resize == "letterbox":
+        s = min(W / w, H / h)
+        nw, nh = max(1, round(w * s)), max(1, round(h * s))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), filt)
+        left, top = (W - nw) // 2, (H - nh) // 2
+        if (nw, nh) != (W, H):
+            img = _canvas(img, W, H, left, top, spec.pad_value)
+        return img, Placement(w, h, nw / w, nh / h, left, top)
+    # none: the image's own size, scaled down to fit the largest input when bigger.
+    s = min(1.0, W / w, H / h)
+    if s < 1.0:
+        nw, nh = max(1, round(w * s)), max(1, round(h * s))
+        img = img.resize((nw, nh), filt)
+        return img, Placement(w, h, nw / w, nh / h)
+    return img, Placement(w, h)
+
+
+def image_pixels(img: Image.Image, spec: InputSpec) -> tuple[np.ndarray, Placement]:
+    """Any-size, any-mode image -> uint8 C x H x W in the model's channels, channel order and
+    size (for resize 'none': the image's, padded to `multiple_of`), and where it landed."""
     if "exif" in img.info or "Raw profile type exif" in img.info:  # where Pillow keeps EXIF
         img = ImageOps.exif_transpose(img)
     img = _to_8bit(_flatten_alpha(img))
     mode = "L" if spec.channels == 1 else "RGB"
     if img.mode != mode:
         img = img.convert(mode)
-    if img.size != (spec.width, spec.height):
-        img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+    img, placement = _resized(img, spec)
     pixels = np.asarray(img)
-    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # -> C x H x W
+    chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # -> C x H x W
+    if spec.channel_order == "bgr":
+        chw = chw[::-1]
+    if spec.resize == "none" and spec.multiple_of > 1:
+        chw = _pad_to_multiple(chw, spec.multiple_of)
+    return chw, placement
+
+
+def _pad_to_multiple(chw: np.ndarray, multiple: int) -> np.ndarray:
+    """Reflect-pad the bottom and right up to a multiple (a network that downsamples by 4
+    needs sides it can halve twice); the answer is cropped back to the content."""
+    ph, pw = -chw.shape[1] % multiple, -chw.shape[2] % multiple
+    if not (ph or pw):
+        return chw
+    mode = "reflect" if min(chw.shape[1:]) > max(ph, pw) else "edge"
+    return np.pad(chw, ((0, 0), (0, ph), (0, pw)), mode=mode)
 
 
 def image_to_input(img: Image.Image, spec: InputSpec) -> np.ndarray:
-    """Any-size, any-mode image -> float32 C x H x W normalized as the model was trained."""
-    return normalize(image_pixels(img, spec), spec)
+    """Any-size, any-mode image -> one model input (no batch axis), as the model was trained."""
+    return model_input(image_pixels(img, spec)[0][None], spec)[0]
 
 
 def normalize(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """Pixels 0..255 with channels on axis -3 (C x H x W or N x C x H x W) -> float32, scaled
-    to [0, 1] and normalized per channel with the spec's mean and std."""
-    x = np.asarray(pixels, dtype=np.float32) / np.float32(255.0)
+    """Pixels 0..255 with channels on axis -3 (C x H x W or N x C x H x W) -> float32, divided
+    by the recipe's scale, then normalized per channel with its mean and std."""
+    x = np.asarray(pixels, dtype=np.float32)
+    if spec.scale != 1.0:
+        x = x / np.float32(spec.scale)
     m = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
     s = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
     return (x - m) / s
 
 
+def model_input(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """uint8 N x C x H x W pixels (the model's channel order) -> what the model takes: its
+    dtype (normalized float32, or the pixels) in its layout."""
+    x = pixels if spec.dtype == "uint8" else normalize(pixels, spec)
+    if spec.layout == "nhwc":
+        x = x.transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(x)
+
+
+def _is_identity(height: int, width: int, spec: InputSpec) -> bool:
+    """Pixels of this size need no resizing under the recipe."""
+    if spec.resize == "none":
+        fits = height <= spec.height and width <= spec.width
+        return fits and height % spec.multiple_of == 0 and width % spec.multiple_of == 0
+    same = (height, width) == (spec.height, spec.width)
+    return same and (spec.resize != "crop" or spec.resize_to == min(height, width))
+
+
 def from_pixels(images: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """uint8 images N x H x W or N x H x W x C -> N x C x H x W, exactly as uploads are
-    preprocessed. Images already of the spec's size skip PIL: grey is replicated to RGB as PIL's
-    convert does, so both ways give the same numbers; anything else goes through PIL."""
+    """uint8 images N x H x W or N x H x W x C (RGB or grey) -> N model inputs, exactly as
+    uploads are preprocessed. Images that need no resizing skip PIL: grey is replicated to RGB
+    as PIL's convert does, so both ways give the same numbers; anything else goes through PIL."""
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[..., None]  # N x H x W x 1
     n, height, width, channels = images.shape
-    same_size = (height, width) == (spec.height, spec.width)
-    if same_size and images.dtype == np.uint8 and channels in (1, spec.channels):
+    plain = images.dtype == np.uint8 and channels in (1, spec.channels)
+    if plain and _is_identity(height, width, spec):
         nchw = images.transpose(0, 3, 1, 2)  # N x C x H x W
         if channels != spec.channels:
             nchw = np.broadcast_to(nchw, (n, spec.channels, height, width))
-        return np.ascontiguousarray(normalize(nchw, spec))
+        elif spec.channel_order == "bgr":
+            nchw = nchw[:, ::-1]
+        return model_input(nchw, spec)
     squeezed = images[..., 0] if channels == 1 else images
-    return np.stack([image_to_input(Image.fromarray(img), spec) for img in squeezed])
+    pixels = [image_pixels(Image.fromarray(img), spec)[0] for img in squeezed]
+    return model_input(np.stack(pixels), spec)
 
 
 def from_bytes(
     data: bytes, spec: InputSpec, limits: ImageLimits = ImageLimits(), *, name: str = "image"
 ) -> np.ndarray:
-    """Encoded image bytes -> C x H x W float32 for `spec`; `InvalidInput` if they are not one."""
+    """Encoded image bytes -> one input for `spec` (no batch axis); `InvalidInput` if they are
+    not an image."""
     return image_to_input(decode(data, limits, name=name), spec)
 
 
-def batch_from_images(images: list[tuple[str, Image.Image]], spec: InputSpec) -> np.ndarray:
-    """Opened images (name, image) -> N x C x H x W float32: each decoded and converted, then
-    the whole batch normalized at once. The first bad image's `InvalidInput` is raised.
+@dataclass(frozen=True)
+class Batch:
+    x: np.ndarray  # N model inputs: N x C x H x W (or N x H x W x C), as the model takes them
+    placements: list[Placement]  # where each upload landed in its input
+
+
+def decode_batch(images: list[tuple[str, Image.Image]], spec: InputSpec) -> Batch:
+    """Opened images (name, image) -> the model's inputs, and where each landed: each decoded
+    and converted, then the whole batch normalized at once. The first bad image's
+    `InvalidInput` is raised.
 
     Each image is closed once its pixels are taken, so one full-size decode at a time is held
     (a 25 M pixel RGBA upload is ~100 MB decoded), not the whole request's."""
-    pixels = np.empty((len(images), spec.channels, spec.height, spec.width), dtype=np.uint8)
+    pixels: list[np.ndarray] = []
+    placements: list[Placement] = []
     done = 0
     try:
         for name, img in images:
-            pixels[done] = image_pixels(load(img, name=name), spec)
+            chw, placement = image_pixels(load(img, name=name), spec)
             img.close()
             done += 1
+            pixels.append(chw)
+            placements.append(placement)
     finally:
         for _, img in images[done:]:
             img.close()  # after an error: the rest are never decoded
-    return normalize(pixels, spec)
+    if len({p.shape for p in pixels}) > 1:  # resize 'none': each its own size
+        raise InvalidInput(
+            "invalid_request", "this model takes images of their own size: send one per request"
+        )
+    return Batch(model_input(np.stack(pixels), spec), placements)
+
+
+def batch_from_images(images: list[tuple[str, Image.Image]], spec: InputSpec) -> np.ndarray:
+    """`decode_batch`'s inputs alone."""
+    return decode_batch(images, spec).x

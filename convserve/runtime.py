@@ -1,15 +1,19 @@
-"""The one ONNX Runtime session factory (explicit options, checked providers) and what turns
-logits into answers (softmax, top-k). Everything that runs a model file comes through here:
-the service, export's parity check and known answer, INT8 calibration, the benchmarks."""
+"""The one ONNX Runtime session factory (explicit options, checked providers), the model runner
+every task uses, and what turns logits into answers (softmax, top-k). Everything that runs a
+model file comes through here: the service, export's parity check and known answer, import,
+INT8 calibration, the benchmarks."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+from convserve.spec import ModelSpec
 
 log = logging.getLogger("convserve.runtime")
 
@@ -91,21 +95,68 @@ def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return order, np.take_along_axis(probabilities, order, axis=1)
 
 
-class OnnxClassifier:
-    """Logits for N x C x H x W float32 batches of one model file. Thread-safe (ORT sessions are).
+def _fixed_batch(session: Any) -> int | None:
+    """The first input's batch dimension when the graph fixes it (1 in many exported files)."""
+    shape = getattr(session.get_inputs()[0], "shape", None)
+    if shape and isinstance(shape[0], int) and shape[0] > 0:
+        return shape[0]
+    return None
+
+
+class OnnxModel:
+    """Runs one model file: its first input gets the batch, named extra inputs travel beside
+    it, every output comes back. Thread-safe (ORT sessions are).
+
+    A graph whose batch dimension is fixed at 1 (common in files exported elsewhere) is served
+    all the same: the rows of a batch go through one ONNX Runtime call each.
 
     `session` may be any object with ONNX Runtime's `run`/`get_inputs`/`get_providers`: unit
     tests pass a fake one.
     """
 
-    def __init__(self, session: ort.InferenceSession) -> None:
+    def __init__(self, session: Any) -> None:
         self.session = session
-        self.input_name = session.get_inputs()[0].name
+        inputs = session.get_inputs()
+        self.input_name = inputs[0].name
+        self.input_names = [i.name for i in inputs]
+        outputs = session.get_outputs() if hasattr(session, "get_outputs") else []
+        self.output_names = [o.name for o in outputs]
         self.provider = session.get_providers()[0]
+        self.fixed_batch = _fixed_batch(session)
+
+    def run(self, batch: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> list[Any]:
+        """batch: N inputs for the first input -> every output, each with N rows. `extra`:
+        the other inputs, fed as they are to every call."""
+        feeds = {**(extra or {}), self.input_name: batch}
+        if self.fixed_batch is None or len(batch) == self.fixed_batch:
+            return self.session.run(None, feeds)
+        if self.fixed_batch != 1:
+            raise ValueError(f"the model takes batches of exactly {self.fixed_batch}")
+        rows = [self.session.run(None, {**feeds, self.input_name: batch[i : i + 1]})
+                for i in range(len(batch))]  # fmt: skip
+        return [np.concatenate([r[k] for r in rows]) for k in range(len(rows[0]))]
+
+
+class OnnxClassifier(OnnxModel):
+    """Logits and probabilities for batches of one classifier. `output` says what its first
+    output holds: logits (softmax is applied here) or probabilities already (a softmax inside
+    the graph, as many exported files have)."""
+
+    def __init__(self, session: Any, output: str = "logits") -> None:
+        super().__init__(session)
+        self.output = output
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        (out,) = self.session.run(None, {self.input_name: batch})
-        return out
+        return self.run(batch)[0]
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return softmax(self.logits(batch))
+        out = self.logits(batch)
+        return out if self.output == "probabilities" else softmax(out)
+
+
+def runtime_for(session: Any, spec: ModelSpec) -> OnnxModel:
+    """The runner of a model file as its spec describes it: a classifier gets logits and
+    probabilities, every other task the outputs as they are."""
+    if spec.task == "classify":
+        return OnnxClassifier(session, spec.output)
+    return OnnxModel(session)

@@ -19,14 +19,14 @@ import bentoml
 import numpy as np
 
 from convserve.preprocess import from_pixels
-from convserve.runtime import make_session
+from convserve.runtime import OnnxModel, make_session
 from convserve.spec import ModelSpec
 
 MODEL_FILE = "model.onnx"
 SPEC_FILE = "spec.json"
-# A few real images as raw uint8 pixels, the logits ONNX Runtime gave for them at export and
-# the labels of their top-1: the service's start-up self-test runs them through the serving
-# preprocessing and compares, before it declares itself ready.
+# A few real images as raw uint8 pixels, every output ONNX Runtime gave for them at export (and
+# for classifiers the labels of their top-1): the service's start-up self-test runs them through
+# the serving preprocessing and compares, before it declares itself ready.
 KNOWN_ANSWER_FILE = "known_answer.npz"
 EXPORTED_FILES = (MODEL_FILE, SPEC_FILE, KNOWN_ANSWER_FILE)
 STORE_FILES = {"model.yaml"}  # written by BentoML itself
@@ -67,11 +67,19 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def known_answer(onnx_path: str | Path, inputs: np.ndarray) -> np.ndarray:
-    """Logits of `inputs` (N x C x H x W float32) from a plain CPU session of the file."""
-    session = make_session(onnx_path)
-    (logits,) = session.run(None, {session.get_inputs()[0].name: inputs})
-    return logits
+@dataclass(frozen=True)
+class KnownAnswer:
+    pixels: np.ndarray  # uint8 N x H x W (x C): real images, before any preprocessing
+    outputs: list[np.ndarray]  # every output of the model for them, in the graph's order
+    extra: dict[str, np.ndarray]  # the model's other inputs, by name (a stylizer's weights)
+    labels: list[str] | None  # classifiers: the top-1 label of each image
+
+
+def known_answer(
+    onnx_path: str | Path, inputs: np.ndarray, extra: dict[str, np.ndarray] | None = None
+) -> list[np.ndarray]:
+    """Every output for `inputs` (the model's input batch) from a plain CPU session."""
+    return OnnxModel(make_session(onnx_path)).run(inputs, extra)
 
 
 def save_model(
@@ -80,22 +88,31 @@ def save_model(
     name: str,
     known_pixels: np.ndarray,
     precision: str = "fp32",
+    extra: dict[str, np.ndarray] | None = None,
 ) -> StoredModel:
     """Copy the ONNX file into a new version of `name` in the store, with its spec, the known
-    answer for `known_pixels` (a few real uint8 images, N x H x W or N x H x W x C), and the
-    sha256 of every file."""
+    answer for `known_pixels` (a few real uint8 images, N x H x W or N x H x W x C; `extra`:
+    the model's other inputs, by name) and the sha256 of every file."""
     onnx_path = Path(onnx_path)
-    logits = known_answer(onnx_path, from_pixels(known_pixels, spec.input))
-    labels = np.array([spec.labels[i] for i in logits.argmax(1)])
+    outputs = known_answer(onnx_path, from_pixels(known_pixels, spec.input), extra)
+    arrays = {f"output_{i}": out for i, out in enumerate(outputs)}
+    arrays |= {f"input_{k}": v for k, v in (extra or {}).items()}
+    if spec.task == "classify":
+        arrays["labels"] = np.array([spec.labels[i] for i in outputs[0].argmax(1)])
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp)
         shutil.copyfile(onnx_path, staged / MODEL_FILE)
         (staged / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
-        np.savez(staged / KNOWN_ANSWER_FILE, pixels=known_pixels, logits=logits, labels=labels)
+        np.savez(staged / KNOWN_ANSWER_FILE, pixels=known_pixels, **arrays)
         files = {f: sha256_of(staged / f) for f in EXPORTED_FILES}
         with bentoml.models.create(
             name,
-            labels={"architecture": spec.architecture, "format": "onnx", "precision": precision},
+            labels={
+                "architecture": spec.architecture,
+                "task": spec.task,
+                "format": "onnx",
+                "precision": precision,
+            },
             metadata={
                 "sha256": files[MODEL_FILE],
                 "files": files,
@@ -174,11 +191,17 @@ def verify_files(stored: StoredModel) -> None:
             )
 
 
-def read_known_answer(stored: StoredModel) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(uint8 pixels, logits, top-1 labels) recorded at export."""
+def read_known_answer(stored: StoredModel) -> KnownAnswer:
+    """The images, outputs and labels recorded at export."""
     try:
         with np.load(stored.known_answer_path, allow_pickle=False) as f:
-            return f["pixels"], f["logits"], [str(label) for label in f["labels"]]
+            keys = set(f.files)
+            count = len([k for k in keys if k.startswith("output_")])
+            # Versions stored before every output was recorded kept one, as `logits`.
+            outputs = [f[f"output_{i}"] for i in range(count)] if count else [f["logits"]]
+            extra = {k.removeprefix("input_"): f[k] for k in keys if k.startswith("input_")}
+            labels = [str(label) for label in f["labels"]] if "labels" in keys else None
+            return KnownAnswer(f["pixels"], outputs, extra, labels)
     except (OSError, KeyError, ValueError):
         raise StoreError(
             f"model {stored.tag}: its known-answer file is missing or unreadable; re-export it"

@@ -32,6 +32,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from convserve.defaults import DEFAULT_TAG, LENET, SERVICE
 from convserve.loadtest.scrape import batching, scrape
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +120,7 @@ def servers(threads: int) -> dict[str, Server]:
     return {
         "convserve": Server(
             "convserve",
-            [*bentoml, "convserve.service.app:Classifier", "--port", "{port}"],
+            [*bentoml, SERVICE, "--port", "{port}"],
             "/readyz",
             conv_env,
             "defaults: adaptive batching by images (max 128, no queue delay, 2 s budget), "
@@ -127,7 +128,7 @@ def servers(threads: int) -> dict[str, Server]:
         ),
         "convserve-nobatch": Server(
             "convserve-nobatch",
-            [*bentoml, "convserve.service.app:Classifier", "--port", "{port}"],
+            [*bentoml, SERVICE, "--port", "{port}"],
             "/readyz",
             {**conv_env, "CONVSERVE_MAX_BATCH_SIZE": "1"},
             "adaptive batching off (max batch 1)",
@@ -362,9 +363,9 @@ def _prepare_models(args: argparse.Namespace, work: Path, scenarios: list[Scenar
     home = work / "bentoml"
     os.environ["BENTOML_HOME"] = str(home)
     models: dict[str, dict[str, str]] = {}
-    source = Path(args.bentoml_home) / "models" / "fashion-lenet5"
-    shutil.copytree(source, home / "models" / "fashion-lenet5")
-    lenet = load_model("fashion-lenet5:latest")
+    source = Path(args.bentoml_home) / "models" / LENET
+    shutil.copytree(source, home / "models" / LENET)
+    lenet = load_model(DEFAULT_TAG)
     models["lenet5"] = {
         "tag": lenet.tag,
         "onnx": str(lenet.path),

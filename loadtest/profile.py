@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from convserve.defaults import DEFAULT_TAG, SERVICE
 from convserve.loadtest.bench import (
     LOCUSTFILE,
     PY,
@@ -35,8 +36,6 @@ from convserve.loadtest.bench import (
     _stop,
     tree_cpu_seconds,
 )
-
-SERVICE = "convserve.service.app:Classifier"
 
 # (layer, path fragments): a sample belongs to the first layer, from the innermost frame out,
 # one of whose fragments is in the frame's file name.
@@ -194,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="build/profile")
     parser.add_argument("--label", default="now", help="the column name, e.g. before / after")
-    parser.add_argument("--models", default="fashion-lenet5:latest")
+    parser.add_argument("--models", default=DEFAULT_TAG)
     parser.add_argument("--service", default=SERVICE, help="the BentoML service's import path")
     parser.add_argument(
         "--cwd", help="where the server starts (e.g. a checkout of an older commit)"

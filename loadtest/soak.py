@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from convserve.defaults import DEFAULT_TAG, SERVICE
 from convserve.loadtest.bench import LOCUSTFILE, PY, ROOT, Server, _cores, _start, _stop, tree_rss
 
 SLOPE_GOAL_MB_PER_MIN = 1.0
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> dict:
     else:
         server = Server(
             "convserve",
-            [PY, "-m", "bentoml", "serve", "convserve.service.app:Classifier", "--port", "{port}"],
+            [PY, "-m", "bentoml", "serve", SERVICE, "--port", "{port}"],
             "/readyz",
             {"CONVSERVE_MODELS": args.model, "CONVSERVE_DRAIN_S": "0"},
         )
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--out", default="docs/soak")
-    parser.add_argument("--model", default="fashion-lenet5:latest", help="model store tag")
+    parser.add_argument("--model", default=DEFAULT_TAG, help="model store tag")
     parser.add_argument("--url", help="soak a running server instead of starting one")
     parser.add_argument("--pid", type=int, help="its process id, to sample RSS (with --url)")
     parser.add_argument("--users", type=int, default=32)

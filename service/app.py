@@ -7,7 +7,8 @@ Lifecycle:
            stops `bentoml serve` with its message and exit status 1.
   load     (`__init__`, per worker) sessions opened on the configured providers, self-tested.
   warm up  (startup hook) full-size batch and batcher latency model; then /readyz says 200.
-  serve    REST (`rest.py`) and the Open Inference Protocol (`oip.py`), behind admission.
+  serve    each task's REST routes (`tasks/`) and the Open Inference Protocol (`oip.py`),
+           behind admission; the raw hot path (`hotpath.py`) answers the inference routes.
   drain    on SIGTERM /readyz turns 503 and requests are served for CONVSERVE_DRAIN_S more;
            then the server stops accepting, in-flight requests finish, exit 0 (`drain.py`).
 """
@@ -29,12 +30,13 @@ from fastapi.staticfiles import StaticFiles
 from convserve.service import errors, heap, oip, rest
 from convserve.service.admission import Admission, AdmissionMiddleware
 from convserve.service.drain import Drain
-from convserve.service.hotpath import HotPath, template_of
+from convserve.service.hotpath import HotPath, Routes
 from convserve.service.inference import Inference
 from convserve.service.metrics import RequestMetrics, exposition, service_metrics
 from convserve.service.pool import ModelPool, StartupError, preflight
 from convserve.service.requests_log import RequestIds, configure
 from convserve.service.settings import ServiceSettings
+from convserve.service.tasks import TASKS
 
 log = logging.getLogger("convserve")
 errors_log = logging.getLogger("convserve.errors")
@@ -43,7 +45,8 @@ log.setLevel(logging.INFO)
 
 app = FastAPI(
     title="convserve",
-    description="CNN image classification on ONNX Runtime with adaptive batching. "
+    description="CNN image models on ONNX Runtime with adaptive batching: classification, "
+    "detection, embeddings and verification, style transfer. "
     'Every error is JSON: {"error": {"code": ..., "message": ..., "request_id": ...}}.',
     docs_url=None,  # served below, from local assets
     openapi_url="/api/openapi.json",
@@ -51,8 +54,12 @@ app = FastAPI(
 )
 app.add_middleware(AdmissionMiddleware)
 errors.install(app)
+for _task in TASKS.values():
+    if (_router := _task.router()) is not None:
+        app.include_router(_router)
 app.include_router(rest.router)
 app.include_router(oip.router)
+ROUTES = Routes(TASKS.values())
 
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -108,8 +115,9 @@ def _tracing(sample_rate: float) -> dict:
 @bentoml.service(
     name="convserve",
     workers=_defined.workers,
-    # BentoML's per-request deadline; convserve's own (CONVSERVE_REQUEST_TIMEOUT_MS) is shorter.
-    traffic={"timeout": 60},
+    # BentoML's per-request deadline, past convserve's own (body, then inference): those answer
+    # first, with their own codes.
+    traffic={"timeout": _defined.traffic_timeout_s},
     # BentoML's request metrics label by raw path (unbounded on junk URLs) and cost a
     # middleware per request; convserve keeps its own, bounded ones (metrics.py).
     metrics={"enabled": False},
@@ -118,7 +126,9 @@ def _tracing(sample_rate: float) -> dict:
     logging={"access": {"enabled": False}},
 )
 @bentoml.asgi_app(
-    RequestIds(RequestMetrics(HotPath(app), template_of, access_log=_defined.access_log)),
+    RequestIds(
+        RequestMetrics(HotPath(app, ROUTES), ROUTES.template_of, access_log=_defined.access_log)
+    ),
     path="/",
 )
 class Classifier:
@@ -137,7 +147,7 @@ class Classifier:
         configure(self.settings.log_format)
         self.metrics = service_metrics()
         try:
-            self.pool = ModelPool.load(self.settings, self.metrics)
+            self.pool = ModelPool.load(self.settings, self.metrics, TASKS)
         except StartupError as exc:
             raise SystemExit(f"convserve cannot start: {exc}") from None
         # The routes reach this worker's models through the app they are mounted in.
@@ -156,11 +166,13 @@ class Classifier:
         self.drain = Drain(self.settings.drain_s)
         for served in self.pool.models:
             log.info(
-                "serving %s (%s) on %s, %d intra-op thread(s)",
+                "serving %s (%s, %s) on %s, %d intra-op thread(s), batches of up to %d",
                 served.stored.tag,
+                served.spec.task,
                 served.spec.architecture,
-                served.classifier.provider,
+                served.model.provider,
                 self.settings.intra_op_threads,
+                served.batcher.max_batch_size,
             )
 
     def _on_error(self, code: str) -> None:

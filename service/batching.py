@@ -1,6 +1,7 @@
 """Adaptive batching across requests, counted in images: convserve's own dynamic batcher.
 
-Per model, a FIFO of jobs (one job = one request's N x C x H x W images):
+Per model, a FIFO of jobs (one job = one request's N images: one array of N rows, or a tuple of
+arrays of N rows each when a model takes several inputs):
 - A batch forms as soon as the model is free, from whatever has queued, in arrival order, up
   to `max_batch_size` images. A job larger than the room left is split; its rows finish in
   later batches and its answer is put together in order.
@@ -15,7 +16,8 @@ Per model, a FIFO of jobs (one job = one request's N x C x H x W images):
 Admission, all answered at once: more than `max_queued_images` waiting or running -> 503
 `queue_full`; a predicted finish past `max_latency_ms` (from a cost model of recent batches)
 -> 503 `overloaded`; no answer within `timeout_s` -> 504 `deadline_exceeded`.
-Contract: `await submit(x)` returns `infer(batch)[rows of x]`, rows in x's order.
+Contract: `await submit(x)` returns `infer(batch)[rows of x]`, rows in x's order (for a tuple
+of outputs, the rows of each).
 """
 
 from __future__ import annotations
@@ -35,7 +37,22 @@ from convserve.errors import DeadlineExceeded, Overloaded
 
 log = logging.getLogger("convserve.batching")
 
-Infer = Callable[[np.ndarray], np.ndarray]
+Rows = np.ndarray | tuple[np.ndarray, ...]  # arrays sharing their first axis
+Infer = Callable[[Rows], Rows]
+
+
+def _count(x: Rows) -> int:
+    return len(x[0]) if isinstance(x, tuple) else len(x)
+
+
+def _slice(x: Rows, a: int, b: int) -> Rows:
+    return tuple(part[a:b] for part in x) if isinstance(x, tuple) else x[a:b]
+
+
+def _concat(pieces: list[Rows]) -> Rows:
+    if isinstance(pieces[0], tuple):
+        return tuple(np.concatenate(parts) for parts in zip(*pieces, strict=True))
+    return np.concatenate(pieces)  # type: ignore[arg-type]
 
 
 class BatchObserver(Protocol):
@@ -53,12 +70,13 @@ def _reason(future: asyncio.Future) -> str:
 
 @dataclass(eq=False)
 class _Job:
-    x: np.ndarray  # N x C x H x W
+    x: Rows  # N rows (N x C x H x W images, and any inputs beside them)
+    n: int
     future: asyncio.Future
     enqueued: float
     taken: int = 0  # rows handed to batches so far
     done: int = 0  # rows answered so far
-    out: np.ndarray | None = None  # N x classes, only for a job split over batches
+    out: list[np.ndarray] | None = None  # the answer's parts, only for a job split over batches
 
     @property
     def dead(self) -> bool:
@@ -132,10 +150,11 @@ class Batcher:
         full, rest = divmod(total, self.max_batch_size)
         return running + full * self.cost.predict(self.max_batch_size) + self.cost.predict(rest)
 
-    async def submit(self, x: np.ndarray, *, shed: bool = True) -> np.ndarray:
-        """x: N x C x H x W -> N x classes. Domain errors as the module says. `shed=False`
-        skips the latency prediction (warm-up requests, which exist to train it)."""
-        n = len(x)
+    async def submit(self, x: Rows, *, shed: bool = True) -> Rows:
+        """x: N rows (e.g. N x C x H x W) -> the model's N rows (e.g. N x classes). Domain
+        errors as the module says. `shed=False` skips the latency prediction (warm-up
+        requests, which exist to train it)."""
+        n = _count(x)
         if self.max_queued_images is not None and self.pending_images + n > self.max_queued_images:
             raise Overloaded(
                 "queue_full", f"{self.pending_images} images are already queued; retry shortly"
@@ -144,7 +163,7 @@ class Batcher:
             if self.observer:
                 self.observer.on_dropped(n, "overloaded")
             raise Overloaded("overloaded", "the server is overloaded; retry shortly")
-        job = _Job(x, asyncio.get_running_loop().create_future(), time.perf_counter())
+        job = _Job(x, n, asyncio.get_running_loop().create_future(), time.perf_counter())
         job.future.add_done_callback(lambda _: self._release(job))
         self._queue.append(job)
         self.queued_images += n
@@ -171,11 +190,11 @@ class Batcher:
     def _release(self, job: _Job) -> None:
         """A job's future is settled: rows it never handed to a batch leave the queue's count.
         For a cancelled or timed-out job they will never reach inference."""
-        untaken = len(job.x) - job.taken
+        untaken = job.n - job.taken
         if untaken:
             self.queued_images -= untaken
             self.pending_images -= untaken
-            job.taken = len(job.x)
+            job.taken = job.n
             if self.observer:
                 self.observer.on_dropped(untaken, _reason(job.future))
 
@@ -207,19 +226,19 @@ class Batcher:
             if job.dead:
                 self._queue.popleft()
                 continue
-            take = min(room, len(job.x) - job.taken)
+            take = min(room, job.n - job.taken)
             parts.append((job, job.taken, job.taken + take))
             job.taken += take
             room -= take
-            if job.taken == len(job.x):
+            if job.taken == job.n:
                 self._queue.popleft()
         images = self.max_batch_size - room
         self.queued_images -= images
-        batch = (
-            parts[0][0].x[parts[0][1] : parts[0][2]]
-            if len(parts) == 1
-            else np.concatenate([job.x[a:b] for job, a, b in parts])
-        )  # images x C x H x W
+        if len(parts) == 1:
+            job, a, b = parts[0]
+            batch = job.x if (a, b) == (0, job.n) else _slice(job.x, a, b)
+        else:
+            batch = _concat([_slice(job.x, a, b) for job, a, b in parts])  # images rows
         self._in_flight, self._started = images, now
         waits = [now - job.enqueued for job, _, _ in parts]
         future = asyncio.get_running_loop().run_in_executor(self._executor, self.infer, batch)
@@ -256,27 +275,29 @@ class Batcher:
         self._dispatch()
 
     @staticmethod
-    def _deliver(out: np.ndarray, parts: list[tuple[_Job, int, int]]) -> None:
-        """out: batch rows x classes, in the order of `parts`."""
+    def _deliver(out: Rows, parts: list[tuple[_Job, int, int]]) -> None:
+        """out: the batch's rows (one array, or a tuple of arrays), in the order of `parts`."""
         offset = 0
         for job, a, b in parts:
-            rows = out[offset : offset + (b - a)]
+            rows = _slice(out, offset, offset + (b - a))
             offset += b - a
             if job.future.done():
                 continue
-            if a == 0 and b == len(job.x):  # the whole job in this batch: the usual case
+            if a == 0 and b == job.n:  # the whole job in this batch: the usual case
                 job.future.set_result(rows)
                 continue
+            pieces = rows if isinstance(rows, tuple) else (rows,)
             if job.out is None:
-                job.out = np.empty((len(job.x), *out.shape[1:]), out.dtype)
-            job.out[a:b] = rows
+                job.out = [np.empty((job.n, *p.shape[1:]), p.dtype) for p in pieces]
+            for whole, piece in zip(job.out, pieces, strict=True):
+                whole[a:b] = piece
             job.done += b - a
-            if job.done == len(job.x):
-                job.future.set_result(job.out)
+            if job.done == job.n:
+                job.future.set_result(tuple(job.out) if isinstance(out, tuple) else job.out[0])
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def warm_up(self, example: np.ndarray, requests: int = 12) -> None:
+    async def warm_up(self, example: Rows, requests: int = 12) -> None:
         """Requests of our own before users': the cost model learns batch times (one at a
         time, then concurrent ones, so it sees batches larger than one)."""
         for _ in range(requests):

@@ -2,14 +2,20 @@
 
 REST (`/classify`, `/models`, ...):  {"error": {"code": ..., "message": ...}}, status by code.
 Open Inference Protocol (`/v2/...`): {"error": "<message>"}, 400 for every malformed request.
-Messages never hold stack traces, paths or addresses; 503s and 504s carry Retry-After.
+Messages never hold stack traces, paths or addresses; 503s and 504s carry Retry-After; 405s
+carry Allow.
+
+Each protocol is one `Protocol` object: the paths it owns and how it renders an error. Whoever
+answers an error (the FastAPI handlers below, admission, the raw hot path) asks `protocol_of`,
+never the path itself.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +34,8 @@ STATUS: dict[str, int] = {
     "invalid_image": 400,
     "malformed_body": 400,
     "model_not_found": 404,
+    "wrong_task": 422,
+    "invalid_style": 422,
     "version_not_found": 404,
     "not_found": 404,
     "method_not_allowed": 405,
@@ -55,7 +63,6 @@ STATUS: dict[str, int] = {
 CODE_OF_STATUS = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed",
                   413: "body_too_large", 415: "unsupported_media_type"}  # fmt: skip
 INTERNAL = ConvserveError("internal_error", "internal error; the server log has details")
-OIP_PREFIX = "/v2"
 
 
 class ErrorBody(BaseModel):
@@ -100,15 +107,39 @@ def oip(error: ConvserveError) -> WireError:
     return WireError(status, json.dumps(body).encode(), _retry_headers(error))
 
 
+@dataclass(frozen=True)
+class Protocol:
+    """A wire protocol, as errors see it: the paths it owns and its error format."""
+
+    name: str
+    prefix: str  # it owns this path and everything under it ("/": every path)
+    render: Callable[[ConvserveError], WireError] = field(repr=False)
+
+    def owns(self, path: str) -> bool:
+        return path == self.prefix or path.startswith(self.prefix.rstrip("/") + "/")
+
+
+REST = Protocol("REST", "/", rest)
+OIP = Protocol("Open Inference Protocol", "/v2", oip)
+PROTOCOLS = (OIP, REST)  # the most specific first
+
+
+def protocol_of(path: str) -> Protocol:
+    return next(p for p in PROTOCOLS if p.owns(path))
+
+
 def for_path(path: str, error: ConvserveError) -> WireError:
-    """The wire format of the protocol `path` belongs to."""
-    return oip(error) if path.startswith(OIP_PREFIX) else rest(error)
+    """The error in the wire format of the protocol `path` belongs to."""
+    return protocol_of(path).render(error)
 
 
-def response(path: str, error: ConvserveError) -> Response:
+def response(path: str, error: ConvserveError, headers: dict[str, str] | None = None) -> Response:
     wire = for_path(path, error)
     return Response(
-        wire.body, status_code=wire.status, headers=wire.headers, media_type="application/json"
+        wire.body,
+        status_code=wire.status,
+        headers={**wire.headers, **(headers or {})},
+        media_type="application/json",
     )
 
 
@@ -118,10 +149,12 @@ def _count(request: Request, code: str) -> None:
         hook(code)
 
 
-async def _domain(request: Request, exc: Exception) -> Response:
+async def _domain(
+    request: Request, exc: Exception, headers: dict[str, str] | None = None
+) -> Response:
     assert isinstance(exc, ConvserveError)
     _count(request, exc.code)
-    return response(request.url.path, exc)
+    return response(request.url.path, exc, headers)
 
 
 async def _validation(request: Request, exc: Exception) -> Response:
@@ -142,7 +175,8 @@ async def _http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     message = exc.detail if isinstance(exc.detail, str) else "request refused"
     code = CODE_OF_STATUS.get(exc.status_code, "malformed_body")
-    return await _domain(request, ConvserveError(code, message))
+    # Starlette's own headers: Allow on a 405, as RFC 9110 requires.
+    return await _domain(request, ConvserveError(code, message), dict(exc.headers or {}))
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -1,4 +1,5 @@
-"""The request path every protocol shares: which model, how many images, decoding, the batcher.
+"""The request path every protocol and task shares: which model, how many images, decoding,
+the batcher.
 
 Each request decodes its own images before it joins a batch, so one bad upload fails only its
 own request, never another client's. Errors are domain errors; each protocol renders them.
@@ -10,13 +11,14 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
+from PIL import Image
 from starlette.requests import Request
 
 from convserve.errors import InvalidInput
-from convserve.preprocess import ImageLimits, batch_from_images, open_image
+from convserve.preprocess import Batch, ImageLimits, decode_batch, open_image
 from convserve.service.pool import ModelPool, ServedModel
 from convserve.service.settings import ServiceSettings
+from convserve.service.task import Rows
 
 Upload = tuple[str | None, bytes]  # (filename, encoded image)
 
@@ -43,18 +45,9 @@ class Inference:
         threads = settings.decode_threads
         return cls(settings, pool, limits, ThreadPoolExecutor(threads, "decode"))
 
-    def resolve(
-        self, model: str | None, version: str | None, k: int | None
-    ) -> tuple[ServedModel, int]:
-        """The served model a request names, and its top-k (the default when absent)."""
-        served = self.pool.get(model, version)
-        k = self.settings.default_top_k if k is None else k
-        if k > served.spec.num_classes:
-            raise InvalidInput(
-                "invalid_top_k",
-                f"top_k must be at most {served.spec.num_classes} for {served.stored.tag}",
-            )
-        return served, k
+    def resolve(self, model: str | None, version: str | None, task: str | None) -> ServedModel:
+        """The served model a request names; without a name, the first served of `task`."""
+        return self.pool.get(model, version, task)
 
     def check_count(self, n: int) -> None:
         if n > self.settings.max_images_per_request:
@@ -65,16 +58,28 @@ class Inference:
         if n == 0:
             raise InvalidInput("invalid_request", "images: at least one image is required")
 
-    async def decode(self, served: ServedModel, images: list[Upload]) -> np.ndarray:
-        """Encoded images -> N x C x H x W float32 for `served`, or the first image's error.
+    def _open(self, images: list[Upload]) -> list[tuple[str, Image.Image]]:
+        """Every image opened (headers read, limits checked); on the first refusal, the ones
+        already opened are closed."""
+        opened: list[tuple[str, Image.Image]] = []
+        try:
+            for i, (filename, data) in enumerate(images):
+                name = f"image {i + 1}" + (f" ({filename})" if filename else "")
+                opened.append((name, open_image(data, self.limits, name=name)))
+        except BaseException:
+            for _, img in opened:
+                img.close()
+            raise
+        return opened
+
+    async def decode(self, served: ServedModel, images: list[Upload]) -> Batch:
+        """Encoded images -> `served`'s inputs (and where each upload landed in its input), or
+        the first image's error.
 
         Headers are read first, inline (cheap, and every limit is checked there). Small work is
         then decoded inline too: a thread hop costs more than a few small images. Larger work
         goes to the decode threads, off the event loop, so probes and other requests flow."""
-        opened = []
-        for i, (filename, data) in enumerate(images):
-            name = f"image {i + 1}" + (f" ({filename})" if filename else "")
-            opened.append((name, open_image(data, self.limits, name=name)))
+        opened = self._open(images)
         spec = served.spec.input
         pixels = sum(img.width * img.height for _, img in opened)
         if pixels > self.settings.max_request_pixels:
@@ -86,13 +91,13 @@ class Inference:
                 f"{self.settings.max_request_pixels} per request",
             )
         if pixels <= INLINE_PIXELS:
-            return batch_from_images(opened, spec)
+            return decode_batch(opened, spec)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.decoder, batch_from_images, opened, spec)
+        return await loop.run_in_executor(self.decoder, decode_batch, opened, spec)
 
-    async def probabilities(self, served: ServedModel, batch: np.ndarray) -> np.ndarray:
-        """batch: N x C x H x W float32 for `served` -> N x classes, through its batcher."""
-        return await served.batcher.submit(batch)
+    async def run(self, served: ServedModel, inputs: Rows) -> Rows:
+        """N rows of `served`'s inputs -> its task runner's N rows, through its batcher."""
+        return await served.batcher.submit(inputs)
 
 
 def current(request: Request) -> Inference:

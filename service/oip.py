@@ -1,16 +1,19 @@
 """The Open Inference Protocol (KServe v2, as Triton and MLServer speak it) over REST.
 
 Routes and wire format together: parse an inference request (JSON, or JSON followed by binary
-tensors with `Inference-Header-Content-Length`), run it through the same request path as
-/classify (decoding, limits, batcher), build the response. Errors are `{"error": "<message>"}`.
+tensors with `Inference-Header-Content-Length`), run it through the same request path as the
+REST routes (decoding, limits, batcher), build the response. Errors are `{"error": "<message>"}`.
 
 One input per request, named as the model's input (`input`):
-  FP32  [N, C, H, W]  normalized, as the model takes it
+  FP32  [N, C, H, W]  normalized, as the model takes it (its layout: NHWC models take N, H, W, C)
   UINT8 [N, C, H, W]  pixels 0..255, normalized by the server
-  BYTES [N] or [N, 1] encoded images (PNG, JPEG, WebP, GIF), through the /classify decoder;
+  BYTES [N] or [N, 1] encoded images (PNG, JPEG, WebP, GIF), through the REST decoder;
                       in JSON each element is the image's base64
-One output, `probabilities` FP32 [N, classes]; with `parameters.classification = k` it is
-BYTES [N, k] of "<probability>:<index>:<label>", most likely first.
+The outputs are the model's task's (`Task.oip_outputs`): a classifier's `probabilities` FP32
+[N, classes], with `parameters.classification = k` BYTES [N, k] of
+"<probability>:<index>:<label>", most likely first; a detector's raw `boxes` and `scores`
+(in the model input's pixels); an embedding network's `embedding`. Stylizers take two inputs
+and are served by POST /stylize only.
 """
 
 from __future__ import annotations
@@ -29,16 +32,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from convserve import __version__
 from convserve.errors import InvalidInput
 from convserve.runtime import top_k
+from convserve.service.errors import OIP
 from convserve.service.inference import Inference, current
 from convserve.service.pool import ServedModel
-from convserve.service.rest import documented_errors
+from convserve.service.rest import HEADER_LENGTH, documented_errors, plain
+from convserve.service.task import Answer, OutputInfo
+from convserve.service.task import Request as TaskRequest
 from convserve.service.tensors import to_model_input
 from convserve.service.wire import decode_base64
 
-OUTPUT_NAME = "probabilities"
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["classification", "binary_tensor_data"]
-HEADER_LENGTH = "Inference-Header-Content-Length"
 NUMERIC = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
 KNOWN_DATATYPES = {
     "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
@@ -95,7 +99,8 @@ class RequestedOutput:
 class InferRequest:
     id: str | None
     inputs: list[InferInput]
-    outputs: list[RequestedOutput]
+    outputs: list[RequestedOutput] | None  # None: every output of the model, as JSON
+    binary_outputs: bool = False  # binary_data_output: the default for every output
 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -203,18 +208,32 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     if offset != len(binary):
         raise bad_request(f"{len(binary) - offset} bytes of binary data belong to no input")
     binary_all = bool(request.parameters.get("binary_data_output", False))
-    requested = request.outputs or [_RequestedOutput(name=OUTPUT_NAME)]
-    outputs = []
-    for out in requested:
-        if out.name != OUTPUT_NAME:
-            raise bad_request(f"unknown output {out.name!r}; the model has {OUTPUT_NAME!r}")
-        k = out.parameters.get("classification", 0)
-        if not isinstance(k, int) or k < 0:
-            raise bad_request("classification must be a non-negative integer")
-        outputs.append(
-            RequestedOutput(out.name, bool(out.parameters.get("binary_data", binary_all)), k)
-        )
-    return InferRequest(request.id, inputs, outputs)
+    outputs = None
+    if request.outputs:
+        outputs = []
+        for out in request.outputs:
+            k = out.parameters.get("classification", 0)
+            if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+                raise bad_request("classification must be a non-negative integer")
+            binary = bool(out.parameters.get("binary_data", binary_all))
+            outputs.append(RequestedOutput(out.name, binary, k))
+    return InferRequest(request.id, inputs, outputs, binary_all)
+
+
+def requested_outputs(request: InferRequest, available: list[OutputInfo], labels: bool):
+    """The outputs to answer: those asked for (each checked against the model's), or all of
+    them. `labels`: the model's outputs are classes, so the classification extension applies."""
+    names = [o.name for o in available]
+    if request.outputs is None:
+        return [RequestedOutput(name, request.binary_outputs, 0) for name in names]
+    for out in request.outputs:
+        if out.name not in names:
+            raise bad_request(
+                f"unknown output {out.name!r}; the model has {', '.join(map(repr, names))}"
+            )
+        if out.classification and not labels:
+            raise bad_request("the classification extension needs a classifier's output")
+    return request.outputs
 
 
 def _bytes_payload(items: list[bytes]) -> bytes:
@@ -225,16 +244,18 @@ def build_response(
     *,
     model_name: str,
     model_version: str,
-    request: InferRequest,
-    probabilities: np.ndarray,
+    request_id: str | None,
+    outputs_requested: list[RequestedOutput],
+    values: dict[str, np.ndarray],
     labels: tuple[str, ...],
 ) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when binary data follows it."""
     outputs, blobs = [], []
-    for out in request.outputs:
+    for out in outputs_requested:
+        tensor = np.asarray(values[out.name])
         if out.classification:
-            k = min(out.classification, probabilities.shape[1])
-            indices, scores = top_k(probabilities, k)
+            k = min(out.classification, tensor.shape[1])
+            indices, scores = top_k(tensor, k)
             strings = [
                 f"{float(p)}:{int(j)}:{labels[int(j)]}"
                 for row_i, row_p in zip(indices, scores, strict=True)
@@ -243,18 +264,18 @@ def build_response(
             entry: dict[str, Any] = {
                 "name": out.name,
                 "datatype": "BYTES",
-                "shape": [len(probabilities), k],
+                "shape": [len(tensor), k],
             }
             if out.binary:
                 blob = _bytes_payload([s.encode() for s in strings])
             else:
                 entry["data"] = strings
         else:
-            entry = {"name": out.name, "datatype": "FP32", "shape": list(probabilities.shape)}
+            entry = {"name": out.name, "datatype": "FP32", "shape": list(tensor.shape)}
             if out.binary:
-                blob = probabilities.astype("<f4").tobytes()
+                blob = tensor.astype("<f4").tobytes()
             else:
-                entry["data"] = probabilities.astype(np.float32).ravel().tolist()
+                entry["data"] = tensor.astype(np.float32).ravel().tolist()
         if out.binary:
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
@@ -264,8 +285,8 @@ def build_response(
         "model_version": model_version,
         "outputs": outputs,
     }
-    if request.id is not None:
-        response["id"] = request.id
+    if request_id is not None:
+        response["id"] = request_id
     header = json.dumps(response).encode()
     if not blobs:
         return header, None
@@ -282,7 +303,7 @@ class OipError(BaseModel):
     request_id: str | None = None
 
 
-router = APIRouter(prefix="/v2", tags=["v2"])
+router = APIRouter(prefix=OIP.prefix, tags=["v2"])
 # Malformed requests are all 400 in this protocol (415 and 422 are REST's).
 INFER_ERRORS = documented_errors(400, 404, 408, 413, 503, 504, model=OipError)
 MODEL_ERRORS = documented_errors(404, model=OipError)
@@ -291,26 +312,36 @@ READY_ERRORS = documented_errors(404, 503, model=OipError)
 # (BYTES [N]: encoded images). Metadata lists both, so a client that reads it finds the
 # encoded-image form as well as the tensor form.
 IMAGE_INPUT = "image"
+INFER_TEMPLATE = OIP.prefix + "/models/{name}/infer"
+INFER_VERSION_TEMPLATE = OIP.prefix + "/models/{name}/versions/{version}/infer"
+
+
+def _tensor_input(served: ServedModel) -> dict:
+    spec = served.spec
+    datatype = "UINT8" if spec.input.dtype == "uint8" else "FP32"
+    return {"name": served.model.input_name, "datatype": datatype,
+            "shape": [-1, *spec.input.shape(1)[1:]]}  # fmt: skip
+
+
+def _outputs(served: ServedModel) -> list[OutputInfo]:
+    return served.task.oip_outputs(served.spec, served.model)
 
 
 def _metadata(request: Request, name: str, version: str | None) -> dict:
     pool = current(request).pool
     served = pool.get(name, version)
-    spec = served.spec
     versions = [m.stored.version for m in pool.models if m.stored.name == name]
     return {
         "name": name,
         "versions": versions if version is None else [served.stored.version],
         "platform": PLATFORM,
         "inputs": [
-            {
-                "name": served.classifier.input_name,
-                "datatype": "FP32",
-                "shape": [-1, *spec.input.shape(1)[1:]],
-            },
+            _tensor_input(served),
             {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
         ],
-        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, spec.num_classes]}],
+        "outputs": [
+            {"name": o.name, "datatype": o.datatype, "shape": o.shape} for o in _outputs(served)
+        ],
     }
 
 
@@ -366,41 +397,46 @@ async def model_config(request: Request, name: str) -> dict:
     inference = current(request)
     served = inference.pool.get(name, None)
     spec = served.spec
+    tensor = _tensor_input(served)
     return {
         "name": name,
         "platform": PLATFORM,
         "max_batch_size": inference.settings.max_images_per_request,
         "input": [
             {
-                "name": served.classifier.input_name,
-                "data_type": "TYPE_FP32",
-                "dims": list(spec.input.shape(1)[1:]),
+                "name": tensor["name"],
+                "data_type": f"TYPE_{tensor['datatype']}",
+                "dims": tensor["shape"][1:],
             },
             {"name": IMAGE_INPUT, "data_type": "TYPE_STRING", "dims": [1]},
-        ],
+        ],  # fmt: skip
         "output": [
             {
-                "name": OUTPUT_NAME,
-                "data_type": "TYPE_FP32",
-                "dims": [spec.num_classes],
+                "name": o.name,
+                "data_type": f"TYPE_{o.datatype}",
+                "dims": o.shape[1:],
                 "label_filename": "",
             }
+            for o in _outputs(served)
         ],
+        # The batcher's real hold for a batch that is not full (0: it never waits).
         "dynamic_batching": {
-            "max_queue_delay_microseconds": inference.settings.max_latency_ms * 1000
+            "max_queue_delay_microseconds": round(inference.settings.max_queue_delay_ms * 1000),
+            "max_batch_size_images": served.batcher.max_batch_size,
         },
+        "convserve": {"task": spec.task, "recipe": spec.input.describe()},
     }
 
 
 async def _model_input(inference: Inference, served: ServedModel, tensor: InferInput) -> np.ndarray:
-    """The one input tensor as N x C x H x W float32 for `served`."""
+    """The one input tensor as the model's input batch."""
     if tensor.datatype != "BYTES":
         limit = inference.settings.max_images_per_request
         return to_model_input(np.asarray(tensor.value), served.spec.input, limit)
     if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
         raise bad_request(f"BYTES input shape must be [N] or [N, 1]; got {list(tensor.shape)}")
     inference.check_count(len(tensor.value))
-    return await inference.decode(served, [(None, data) for data in tensor.value])
+    return (await inference.decode(served, [(None, data) for data in tensor.value])).x
 
 
 async def infer(
@@ -410,7 +446,13 @@ async def infer(
     binary data follows it. Raw ASGI (`hotpath.py`) and the routes below both call this."""
     served = inference.pool.get(name, version)
     parsed = parse_infer_request(body, header_length)
-    input_name = served.classifier.input_name
+    model = served.model
+    if len(model.input_names) != 1:
+        raise bad_request(
+            f"model {name!r} takes {len(model.input_names)} inputs; use its REST route "
+            f"({', '.join(served.task.routes)})"
+        )
+    input_name = model.input_name
     names = [i.name for i in parsed.inputs]
     if len(names) != 1 or names[0] not in (input_name, IMAGE_INPUT):
         raise bad_request(
@@ -419,23 +461,77 @@ async def infer(
         )
     if names[0] == IMAGE_INPUT and parsed.inputs[0].datatype != "BYTES":
         raise bad_request(f"input {IMAGE_INPUT!r} is BYTES: encoded images")
+    wanted = requested_outputs(parsed, _outputs(served), served.spec.task == "classify")
     batch = await _model_input(inference, served, parsed.inputs[0])
-    probabilities = await inference.probabilities(served, batch)
+    outputs = await inference.run(served, batch)
     return build_response(
         model_name=name,
         model_version=served.stored.version,
-        request=parsed,
-        probabilities=probabilities,
+        request_id=parsed.id,
+        outputs_requested=wanted,
+        values=served.task.oip_values(served.spec, model, outputs),
         labels=served.spec.labels,
     )
 
 
-def infer_response(body: bytes, header_length: int | None) -> Response:
+def answer(body: bytes, header_length: int | None) -> Answer:
     if header_length is None:
-        return Response(body, media_type="application/json")
-    return Response(
-        body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)}
-    )
+        return Answer(body)
+    return Answer(body, b"application/octet-stream", {HEADER_LENGTH: str(header_length)})
+
+
+async def handle_infer(
+    inference: Inference, request: TaskRequest, name: str, version: str | None = None
+) -> Answer:
+    """POST .../infer on plain bytes: what the raw hot path calls."""
+    return answer(*await infer(inference, name, version, request.header_length, request.body))
+
+
+def match_infer(path: str) -> tuple[str, dict[str, str]] | None:
+    """(the route template, its parameters) when `path` is an inference route, else None."""
+    head, tail = OIP.prefix + "/models/", "/infer"
+    if not (path.startswith(head) and path.endswith(tail)):
+        return None
+    parts = path[len(head) : -len(tail)].split("/")
+    if len(parts) == 1 and parts[0]:
+        return INFER_TEMPLATE, {"name": parts[0]}
+    if len(parts) == 3 and parts[0] and parts[1] == "versions" and parts[2]:
+        return INFER_VERSION_TEMPLATE, {"name": parts[0], "version": parts[2]}
+    return None
+
+
+def _response(result: Answer) -> Response:
+    return Response(result.body, media_type=result.media_type.decode(), headers=result.headers)
+
+
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {
+                "type": "object", "required": ["inputs"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "parameters": {"type": "object"},
+                    "inputs": {"type": "array", "minItems": 1, "items": {
+                        "type": "object", "required": ["name", "shape", "datatype"],
+                        "properties": {"name": {"type": "string"},
+                                       "shape": {"type": "array", "items": {"type": "integer"}},
+                                       "datatype": {"type": "string"},
+                                       "parameters": {"type": "object"}, "data": {}}}},
+                    "outputs": {"type": "array", "items": {
+                        "type": "object", "required": ["name"],
+                        "properties": {"name": {"type": "string"},
+                                       "parameters": {"type": "object"}}}},
+                },
+            }},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": f"the JSON header, then binary tensors ({HEADER_LENGTH})",
+            },
+        },
+    }
+}  # fmt: skip
 
 
 # Served by the raw ASGI path in the running service; these routes document the operation and
@@ -444,15 +540,13 @@ def infer_response(body: bytes, header_length: int | None) -> Response:
     "/models/{name}/infer",
     summary="Open Inference Protocol: inference (JSON or binary tensor data)",
     responses=INFER_ERRORS,
+    openapi_extra=INFER_BODY,
 )
 async def infer_route(request: Request, name: str) -> Response:
-    header_length = request.headers.get(HEADER_LENGTH)
-    body = await request.body()
-    return infer_response(*await infer(current(request), name, None, header_length, body))
+    return _response(await handle_infer(current(request), await plain(request), name))
 
 
-@router.post("/models/{name}/versions/{version}/infer", responses=INFER_ERRORS)
+@router.post("/models/{name}/versions/{version}/infer", responses=INFER_ERRORS,
+             openapi_extra=INFER_BODY)  # fmt: skip
 async def infer_version_route(request: Request, name: str, version: str) -> Response:
-    header_length = request.headers.get(HEADER_LENGTH)
-    body = await request.body()
-    return infer_response(*await infer(current(request), name, version, header_length, body))
+    return _response(await handle_infer(current(request), await plain(request), name, version))

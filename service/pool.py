@@ -1,9 +1,10 @@
-"""The models a service serves: each verified, with its own session and batcher.
+"""The models a service serves: each verified, with its own session, task and batcher.
 
 Start-up contract for every model, in `open_model`: present in the store; every file byte for
 byte as exported (sha256) and no other file; session created on the requested providers; the
-spec inside the ONNX file equal to spec.json; and the known answer reproduced from raw uint8
-pixels through the serving preprocessing, labels included. Any failure is a `StartupError`
+spec inside the ONNX file equal to spec.json; its task one the service knows; and the known
+answer reproduced from raw uint8 pixels through the serving preprocessing and the task's
+runner, every output (and for classifiers the top-1 labels). Any failure is a `StartupError`
 whose one-line message names the file at fault, for operators.
 """
 
@@ -12,18 +13,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from convserve.errors import NotServed
+from convserve.errors import InvalidInput, NotServed
 from convserve.preprocess import from_pixels
-from convserve.runtime import OnnxClassifier, ProviderError, SessionConfig, make_session
+from convserve.runtime import OnnxModel, ProviderError, SessionConfig, make_session, runtime_for
 from convserve.service.batching import Batcher
 from convserve.service.metrics import ServiceMetrics
 from convserve.service.settings import ServiceSettings
+from convserve.service.task import Task
 from convserve.spec import ONNX_METADATA_KEY, ModelSpec
-from convserve.store import StoredModel, StoreError, load_model, read_known_answer, verify_files
+from convserve.store import (
+    KnownAnswer,
+    StoredModel,
+    StoreError,
+    load_model,
+    read_known_answer,
+    verify_files,
+)
 
 log = logging.getLogger("convserve.pool")
 
@@ -43,10 +53,10 @@ def session_config(settings: ServiceSettings) -> SessionConfig:
     )
 
 
-def check_spec_matches_onnx(stored: StoredModel, classifier: OnnxClassifier) -> None:
+def check_spec_matches_onnx(stored: StoredModel, model: OnnxModel) -> None:
     """spec.json says what the ONNX file itself says (metrics aside: INT8 versions carry their
     own); a spec edited after export, labels or normalization, is refused here."""
-    meta = classifier.session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
+    meta = model.session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
     try:
         inside = ModelSpec.model_validate_json(meta or "")
     except ValueError:
@@ -58,33 +68,54 @@ def check_spec_matches_onnx(stored: StoredModel, classifier: OnnxClassifier) -> 
         )
 
 
-def check_known_answer(stored: StoredModel, classifier: OnnxClassifier, atol: float) -> float:
-    """Largest logit difference from the export-time answer, for the stored raw pixels put
+def run_known_answer(known: KnownAnswer, spec: ModelSpec, model: OnnxModel) -> list[np.ndarray]:
+    """The stored pixels through the serving preprocessing, then the model: every output."""
+    return list(model.run(from_pixels(known.pixels, spec.input), known.extra))
+
+
+def check_known_answer(stored: StoredModel, model: OnnxModel, atol: float) -> float:
+    """Largest output difference from the export-time answer, for the stored raw pixels put
     through the serving preprocessing; raises if over `atol` or if a top-1 label differs."""
-    pixels, expected, expected_labels = read_known_answer(stored)
+    known = read_known_answer(stored)
     spec = stored.spec
-    actual = classifier.logits(from_pixels(pixels, spec.input))
-    if actual.shape != expected.shape or actual.shape[1] != spec.num_classes:
+    actual = run_known_answer(known, spec, model)
+    shapes = [a.shape for a in actual]
+    labelled = known.labels is not None  # a classifier: its first output has a row per label
+    if shapes != [e.shape for e in known.outputs] or (
+        labelled and shapes[0][1] != spec.num_classes
+    ):
         raise StartupError(
-            f"model {stored.tag}: self-test output shape {actual.shape}, expected "
-            f"{expected.shape} for {spec.num_classes} labels in spec.json"
+            f"model {stored.tag}: self-test output shapes {shapes}, expected "
+            f"{[e.shape for e in known.outputs]}"
+            + (f" for {spec.num_classes} labels in spec.json" if labelled else "")
         )
-    diff = float(np.abs(actual - expected).max())
-    labels = [spec.labels[i] for i in actual.argmax(1)]
-    if labels != expected_labels:
-        raise StartupError(
-            f"model {stored.tag}: start-up self-test failed: top-1 labels differ from those "
-            "recorded at export (check spec.json's labels)"
-        )
+    diff = max(
+        float(np.abs(a - e).max(initial=0.0)) for a, e in zip(actual, known.outputs, strict=True)
+    )
+    if labelled:
+        labels = [spec.labels[i] for i in actual[0].argmax(1)]
+        if labels != known.labels:
+            raise StartupError(
+                f"model {stored.tag}: start-up self-test failed: top-1 labels differ from those "
+                "recorded at export (check spec.json's labels)"
+            )
     if diff > atol:
         raise StartupError(
-            f"model {stored.tag}: start-up self-test failed (max logit difference {diff:.2e}, "
-            f"allowed {atol:.0e}; check spec.json's mean and std)"
+            f"model {stored.tag}: start-up self-test failed (max output difference {diff:.2e}, "
+            f"allowed {atol:.0e}; check spec.json's recipe: mean, std, resize)"
         )
     return diff
 
 
-def open_model(tag: str, settings: ServiceSettings) -> tuple[StoredModel, OnnxClassifier]:
+def task_of(stored: StoredModel, tasks: Mapping[str, Task]) -> Task:
+    task = tasks.get(stored.spec.task)
+    if task is None:  # a spec from a newer convserve
+        raise StartupError(f"model {stored.tag}: task {stored.spec.task!r} is not served here")
+    return task
+
+
+def open_model(tag: str, settings: ServiceSettings) -> tuple[StoredModel, OnnxModel]:
+    """The stored model, verified, and its runtime (an `OnnxClassifier` for classifiers)."""
     try:
         stored = load_model(tag)
         verify_files(stored)
@@ -97,9 +128,9 @@ def open_model(tag: str, settings: ServiceSettings) -> tuple[StoredModel, OnnxCl
                 f"model {stored.tag}: ONNX Runtime cannot load model.onnx "
                 f"({type(exc).__name__}); re-export it"
             ) from None
-        classifier = OnnxClassifier(session)
-        check_spec_matches_onnx(stored, classifier)
-        diff = check_known_answer(stored, classifier, settings.known_answer_atol)
+        model = runtime_for(session, stored.spec)
+        check_spec_matches_onnx(stored, model)
+        diff = check_known_answer(stored, model, settings.known_answer_atol)
     except (StoreError, ProviderError) as exc:
         raise StartupError(str(exc)) from None
     log.info(
@@ -107,9 +138,9 @@ def open_model(tag: str, settings: ServiceSettings) -> tuple[StoredModel, OnnxCl
         stored.tag,
         len(stored.files or {}),
         diff,
-        classifier.provider,
+        model.provider,
     )
-    return stored, classifier
+    return stored, model
 
 
 def _refuse_duplicates(tags: list[str]) -> None:
@@ -125,17 +156,23 @@ def preflight(settings: ServiceSettings) -> None:
 @dataclass
 class ServedModel:
     stored: StoredModel
-    classifier: OnnxClassifier
+    model: OnnxModel
+    task: Task
     batcher: Batcher
 
     @property
     def spec(self) -> ModelSpec:
         return self.stored.spec
 
+    @property
+    def classifier(self) -> OnnxModel:
+        return self.model
+
 
 @dataclass
 class ModelPool:
-    """Lookup by name and version; the first configured model is the default."""
+    """Lookup by name, version and task; the first configured model is the default, and the
+    first of each task that task's default."""
 
     models: list[ServedModel]
     ready: bool = False
@@ -146,13 +183,18 @@ class ModelPool:
             self._by_name.setdefault(served.stored.name, []).append(served)
 
     @classmethod
-    def load(cls, settings: ServiceSettings, metrics: ServiceMetrics | None) -> ModelPool:
+    def load(
+        cls, settings: ServiceSettings, metrics: ServiceMetrics | None, tasks: Mapping[str, Task]
+    ) -> ModelPool:
+        """Every configured model opened, verified and given its task (from `tasks`, by the
+        spec's task name) and its batcher."""
         models = []
         for tag in settings.models:
-            stored, classifier = open_model(tag, settings)
+            stored, model = open_model(tag, settings)
+            task = task_of(stored, tasks)
             batcher = Batcher(
-                classifier.probabilities,
-                max_batch_size=settings.max_batch_size,
+                task.runner(model, stored.spec),
+                max_batch_size=task.max_batch(stored.spec, settings),
                 max_latency_ms=settings.max_latency_ms,
                 max_queue_delay_ms=settings.max_queue_delay_ms,
                 max_queued_images=settings.max_queued_images,
@@ -160,7 +202,7 @@ class ModelPool:
                 observer=metrics.observer(stored.tag) if metrics else None,
                 name=stored.tag,
             )
-            models.append(ServedModel(stored, classifier, batcher))
+            models.append(ServedModel(stored, model, task, batcher))
         _refuse_duplicates([m.stored.tag for m in models])
         return cls(models)
 
@@ -168,11 +210,36 @@ class ModelPool:
     def default(self) -> ServedModel:
         return self.models[0]
 
-    def get(self, name: str | None = None, version: str | None = None) -> ServedModel:
-        """The model a request asked for; `NotServed` when it is not served."""
-        if name is None and version is None:
-            return self.default
-        name = name or self.default.stored.name
+    def get(
+        self, name: str | None = None, version: str | None = None, task: str | None = None
+    ) -> ServedModel:
+        """The model a request asked for; `NotServed` when it is not served. Without a name,
+        the default model (the first served model of `task`, when a task is given)."""
+        if name is None:
+            if task is not None:
+                default = next((m for m in self.models if m.spec.task == task), None)
+                if default is None:
+                    raise NotServed(
+                        "model_not_found",
+                        f"no {task} model is served; GET /models lists the served ones",
+                    )
+                name = default.stored.name
+                if version is None:
+                    return default
+            elif version is None:
+                return self.default
+            else:
+                name = self.default.stored.name
+        served = self._named(name, version)
+        if task is not None and served.spec.task != task:
+            raise InvalidInput(
+                "wrong_task",
+                f"model {name!r} is a {served.spec.task} model, not a {task} one; "
+                "GET /models lists each model's task",
+            )
+        return served
+
+    def _named(self, name: str, version: str | None) -> ServedModel:
         candidates = self._by_name.get(name)
         if not candidates:
             raise NotServed(
@@ -193,16 +260,14 @@ class ModelPool:
 
     async def warm_up(self, settings: ServiceSettings) -> None:
         for served in self.models:
-            spec = served.spec.input
+            example = served.task.warm_up_input(served.spec, served.batcher.max_batch_size)
             # A full-size batch first, so ORT's arena holds the largest buffers before traffic.
-            full = np.zeros(spec.shape(settings.max_batch_size), dtype=np.float32)
             started = time.perf_counter()
-            await asyncio.get_running_loop().run_in_executor(
-                None, served.classifier.probabilities, full
-            )
+            await asyncio.get_running_loop().run_in_executor(None, served.batcher.infer, example)
             # The batcher's cost model starts knowing both ends: a full batch and (below) one.
-            served.batcher.cost.update(len(full), time.perf_counter() - started)
-            await served.batcher.warm_up(full[:1], settings.warmup_requests)
+            served.batcher.cost.update(served.batcher.max_batch_size, time.perf_counter() - started)
+            one = served.task.warm_up_input(served.spec, 1)
+            await served.batcher.warm_up(one, settings.warmup_requests)
         self.ready = True
 
     def shutdown(self) -> None:

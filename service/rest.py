@@ -1,41 +1,33 @@
-"""The REST protocol: `POST /classify`, `POST /classify/tensor`, `GET /models`.
+"""The REST protocol's shared parts: reading images and parameters from a request body, the
+documented error responses, and `GET /models`.
 
-Bodies are parsed here (multipart, an image as the body, JSON with base64, .npy or raw
-tensors), then go through the shared request path (`inference.py`); answers are the
-`ClassifyResponse` JSON, errors the REST error body. `classify()` is the whole of POST
-/classify on plain bytes, so the raw ASGI path (`hotpath.py`) and the documented FastAPI route
-run the same code.
+Every task's REST route takes images the same three ways (multipart `images` parts, one image
+as the whole body, or JSON with base64), so they are read here once, for every task; each task
+module (`service/tasks/`) owns its route, its parameters and its answer. Errors are the REST
+error body (`errors.py`).
 """
 
 from __future__ import annotations
 
-import json
-from typing import Annotated
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import parse_qsl
 
-import numpy as np
-from fastapi import APIRouter, Query, Request
-from fastapi.responses import Response
-from pydantic import ValidationError
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ValidationError
 
 from convserve.errors import InvalidInput
-from convserve.runtime import top_k
 from convserve.service import multipart
 from convserve.service.errors import ErrorResponse, describe
 from convserve.service.inference import Inference, Upload, current
-from convserve.service.pool import ServedModel
-from convserve.service.schemas import (
-    ClassifyJsonRequest,
-    ClassifyResponse,
-    EncodedImage,
-    ModelsResponse,
-    ModelVersion,
-    ServedModelInfo,
-)
-from convserve.service.tensors import parse_dtype, parse_shape, read_npy, read_raw, to_model_input
+from convserve.service.schemas import ModelsResponse, ModelVersion, ServedModelInfo
+from convserve.service.task import Request as TaskRequest
 from convserve.service.wire import decode_base64, media_type
 
 router = APIRouter()
+HEADER_LENGTH = "Inference-Header-Content-Length"
+JsonBody = TypeVar("JsonBody", bound=BaseModel)
+Target = TypeVar("Target")
 
 
 def documented_errors(*statuses: int, model: type = ErrorResponse) -> dict:
@@ -47,7 +39,8 @@ def documented_errors(*statuses: int, model: type = ErrorResponse) -> dict:
         413: "the body is over the size limit, or an image has too many pixels",
         415: "an image is not PNG, JPEG, WebP or GIF; an unsupported body type",
         422: "invalid parameters, images too small or too elongated, too many images, "
-        "bad base64, a tensor of the wrong shape or dtype or with NaN/infinity",
+        "bad base64, a tensor of the wrong shape or dtype or with NaN/infinity, a model of "
+        "another task",
         503: "busy, too many slow uploads, queue full or overloaded, or not ready: retry after "
         "Retry-After seconds",
         504: "inference missed the request deadline",
@@ -56,40 +49,35 @@ def documented_errors(*statuses: int, model: type = ErrorResponse) -> dict:
 
 
 INFERENCE_ERRORS = documented_errors(400, 404, 408, 413, 415, 422, 503, 504)
-MULTIPART_SCHEMA = {
-    "type": "object",
-    "required": ["images"],
-    "properties": {
-        "images": {
-            "type": "array",
-            "items": {"type": "string", "format": "binary"},
-            "description": "one or more image files (repeat the part)",
-        }
-    },
-}
+MODEL_PARAMETERS = [
+    {"name": "model", "in": "query", "required": False, "description":
+     "model name (default: the first served model of the route's task)",
+     "schema": {"type": "string"}},
+    {"name": "version", "in": "query", "required": False, "description":
+     "model version, or 'latest'", "schema": {"type": "string"}},
+]  # fmt: skip
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+IMAGE_BODIES = {f"image/{kind}": BINARY for kind in ("png", "jpeg", "webp", "gif")}
 
 
-def classify_payload(
-    served: ServedModel, probabilities: np.ndarray, k: int, names: list[str | None]
-) -> bytes:
-    """probabilities: N x classes -> the ClassifyResponse JSON: each image's top-k, most likely
-    first, in the order sent. Built as plain data and serialized once."""
-    indices, probs = top_k(probabilities, k)
-    labels = served.spec.labels
-    results = [
-        {
-            "filename": name,
-            "predictions": [
-                {"label": labels[j], "index": j, "probability": p}
-                for j, p in zip(row_i, row_p, strict=True)
-            ],
-        }
-        for name, row_i, row_p in zip(names, indices.tolist(), probs.tolist(), strict=True)
-    ]
-    return json.dumps({"model": served.stored.tag, "results": results}).encode()
+def multipart_schema(*fields: str, many: bool = True) -> dict:
+    """A multipart form whose `fields` are image files (`images`: one or more)."""
+    file = {"type": "string", "format": "binary"}
+    properties = {
+        name: {"type": "array", "items": file, "minItems": 1, "description":
+               "one or more image files (repeat the part)"} if many else
+              {**file, "description": "an image file"}
+        for name in fields
+    }  # fmt: skip
+    return {"type": "object", "required": list(fields), "properties": properties}
 
 
-def _same_or_conflict(name: str, query: object, body: object) -> object:
+def query(query_string: bytes) -> dict[str, str]:
+    """The query's parameters (the last of repeated ones)."""
+    return dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
+
+
+def same_or_conflict(name: str, query: object, body: object) -> object:
     if query is not None and body is not None and query != body:
         raise InvalidInput(
             "conflicting_parameters", f"{name} is {query!r} in the query but {body!r} in the body"
@@ -97,173 +85,106 @@ def _same_or_conflict(name: str, query: object, body: object) -> object:
     return query if query is not None else body
 
 
-def _query(query_string: bytes) -> tuple[int | None, str | None, str | None]:
-    """top_k, model and version from the query string (the last of repeated ones)."""
-    query = dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
-    top_k_text = query.get("top_k")
-    k = None
-    if top_k_text is not None:
-        try:
-            k = int(top_k_text)
-        except ValueError:
-            raise InvalidInput("invalid_request", "top_k: must be an integer") from None
-        if k < 1:
-            raise InvalidInput("invalid_request", "top_k: must be at least 1")
-    return k, query.get("model"), query.get("version")
+def parse_json(body: bytes, schema: type[JsonBody]) -> JsonBody:
+    try:
+        return schema.model_validate_json(body)
+    except ValidationError as exc:
+        problems = "; ".join(describe(e) for e in exc.errors(include_input=False))
+        raise InvalidInput("invalid_request", problems or "invalid JSON body") from None
 
 
-def _form_images(body: bytes, content_type: str, inference: Inference) -> list[Upload]:
+def form_files(
+    body: bytes, content_type: str, inference: Inference, fields: tuple[str, ...]
+) -> dict[str, list[Upload]]:
+    """The form's file parts of each of `fields`, in order; text in their place is refused."""
     limit = inference.settings.max_images_per_request
     if media_type(content_type) == "application/x-www-form-urlencoded":  # no files possible
-        fields = [name for name, _ in parse_qsl(body.decode("latin-1"), keep_blank_values=True)]
-        parts = [multipart.Part(name, None, b"") for name in fields]
+        names = [name for name, _ in parse_qsl(body.decode("latin-1"), keep_blank_values=True)]
+        parts = [multipart.Part(name, None, b"") for name in names]
     else:
         parts = multipart.split(body, content_type, max_files=limit + 1)
-    images = [p for p in parts if p.name == "images"]
-    if any(p.filename is None for p in images):
-        raise InvalidInput(
-            "invalid_request", "images: must be an uploaded file (text and URLs are not accepted)"
-        )
-    inference.check_count(len(images))
-    return [(p.filename, p.data) for p in images]
+    found: dict[str, list[Upload]] = {name: [] for name in fields}
+    for part in parts:
+        if part.name not in found:
+            continue
+        if part.filename is None:
+            raise InvalidInput(
+                "invalid_request",
+                f"{part.name}: must be an uploaded file (text and URLs are not accepted)",
+            )
+        found[part.name].append((part.filename, part.data))
+    return found
 
 
-async def classify(
-    inference: Inference, query_string: bytes, content_type: str | None, body: bytes
-) -> bytes:
-    """POST /classify, whole: the ClassifyResponse JSON, or a domain error."""
-    top_k_, model, version = _query(query_string)
+UNSUPPORTED = (
+    "send multipart/form-data with `images` parts, an image as the body (image/png, image/jpeg, "
+    "image/webp, image/gif), or application/json"
+)
+
+
+def read_images(
+    inference: Inference,
+    content_type: str | None,
+    body: bytes,
+    schema: type[JsonBody],
+    resolve: Callable[[JsonBody | None], Target],
+) -> tuple[Target, list[Upload]]:
+    """A task's request, its images sent any of the three ways: (what `resolve` made of its
+    parameters, called with the JSON body when it came as JSON, else None; the images in the
+    order sent, counted against the request limit). `schema` has `images`: base64 strings or
+    {data, filename} objects. The parameters are resolved before the images are read, so a
+    request naming an unknown model is refused before its images cost anything."""
     kind = media_type(content_type)
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        served, k = inference.resolve(model, version, top_k_)
-        images = _form_images(body, content_type or "", inference)
+        target = resolve(None)
+        images = form_files(body, content_type or "", inference, ("images",))["images"]
     elif kind.startswith("image/"):  # the image itself as the body (curl --data-binary)
-        served, k = inference.resolve(model, version, top_k_)
+        target = resolve(None)
         images = [(None, body)]
     elif kind == "application/json":
-        try:
-            request = ClassifyJsonRequest.model_validate_json(body)
-        except ValidationError as exc:
-            problems = "; ".join(describe(e) for e in exc.errors(include_input=False))
-            raise InvalidInput("invalid_request", problems or "invalid JSON body") from None
-        served, k = inference.resolve(
-            _same_or_conflict("model", model, request.model),  # type: ignore[arg-type]
-            _same_or_conflict("version", version, request.version),  # type: ignore[arg-type]
-            _same_or_conflict("top_k", top_k_, request.top_k),  # type: ignore[arg-type]
-        )
-        inference.check_count(len(request.images))
-        items = [EncodedImage(data=i) if isinstance(i, str) else i for i in request.images]
+        request = parse_json(body, schema)
+        target = resolve(request)
+        items = request.images  # type: ignore[attr-defined]
+        inference.check_count(len(items))
         images = [
-            (it.filename, decode_base64(it.data, f"images[{n}]")) for n, it in enumerate(items)
+            (None, decode_base64(it, f"images[{n}]"))
+            if isinstance(it, str)
+            else (it.filename, decode_base64(it.data, f"images[{n}]"))
+            for n, it in enumerate(items)
         ]
     else:
-        raise InvalidInput(
-            "unsupported_media_type",
-            "send multipart/form-data with `images` parts, an image as the body (image/png, "
-            "image/jpeg, image/webp, image/gif), or application/json",
-        )
-    batch = await inference.decode(served, images)
-    probabilities = await inference.probabilities(served, batch)
-    return classify_payload(served, probabilities, k, [name for name, _ in images])
+        raise InvalidInput("unsupported_media_type", UNSUPPORTED)
+    inference.check_count(len(images))
+    return target, images
 
 
-QUERY_PARAMETERS = [
-    {"name": "top_k", "in": "query", "required": False, "description":
-     "predictions per image (default 5)", "schema": {"type": "integer", "minimum": 1}},
-    {"name": "model", "in": "query", "required": False, "description":
-     "model name (default model if absent)", "schema": {"type": "string"}},
-    {"name": "version", "in": "query", "required": False, "description":
-     "model version, or 'latest'", "schema": {"type": "string"}},
-]  # fmt: skip
-BINARY = {"schema": {"type": "string", "format": "binary"}}
-
-
-@router.post(
-    "/classify",
-    response_model=None,
-    responses={200: {"model": ClassifyResponse, "description": "one result per image"},
-               **INFERENCE_ERRORS},
-    summary="Classify images: multipart upload, the image as the body, or JSON with base64",
-    openapi_extra={
-        "parameters": QUERY_PARAMETERS,
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {"schema": MULTIPART_SCHEMA},
-                **{f"image/{kind}": BINARY for kind in ("png", "jpeg", "webp", "gif")},
-                "application/json": {
-                    "schema": ClassifyJsonRequest.model_json_schema(
-                        ref_template="#/components/schemas/{model}"
-                    )
-                },
-            },
-        },
-    },
-)  # fmt: skip
-async def classify_route(request: Request) -> Response:
-    """Served by the raw ASGI path (`hotpath.py`) in the running service; this route documents
-    the operation and answers it the same way wherever the app runs without that path."""
-    payload = await classify(
-        current(request),
+async def plain(request: Request) -> TaskRequest:
+    """A FastAPI request as the task handlers take it (what the raw path hands them)."""
+    return TaskRequest(
         request.scope["query_string"],
         request.headers.get("content-type"),
         await request.body(),
+        request.headers.get(HEADER_LENGTH),
     )
-    return Response(payload, media_type="application/json")
 
 
-@router.post(
-    "/classify/tensor",
-    response_model=ClassifyResponse,
-    responses=INFERENCE_ERRORS,
-    summary="Classify preprocessed tensors (N x C x H x W): .npy, or raw bytes + shape/dtype",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            },
-        }
-    },
-)
-async def classify_tensor(
-    request: Request,
-    top_k_: Annotated[int | None, Query(alias="top_k", ge=1)] = None,
-    model: Annotated[str | None, Query()] = None,
-    version: Annotated[str | None, Query()] = None,
-    shape: Annotated[
-        str | None, Query(description="raw bytes only: e.g. 4,1,28,28", examples=["4,1,28,28"])
-    ] = None,
-    dtype: Annotated[
-        str | None, Query(description="raw bytes only: float32 (normalized) or uint8 (pixels)")
-    ] = None,
-) -> ClassifyResponse:
-    inference = current(request)
-    served, k = inference.resolve(model, version, top_k_)
-    kind = media_type(request.headers.get("content-type"))
-    data = await request.body()
-    if kind == "application/x-npy":
-        if shape is not None or dtype is not None:
-            raise InvalidInput(
-                "conflicting_parameters", "shape and dtype come from the .npy header"
-            )
-        array = read_npy(data)
-    elif kind == "application/octet-stream":
-        if shape is None or dtype is None:
-            raise InvalidInput(
-                "invalid_tensor", "raw tensors need the shape and dtype query parameters"
-            )
-        array = read_raw(data, parse_shape(shape), parse_dtype(dtype))
-    else:
-        raise InvalidInput(
-            "unsupported_media_type",
-            "send application/x-npy, or application/octet-stream with shape and dtype",
-        )
-    batch = to_model_input(array, served.spec.input, inference.settings.max_images_per_request)
-    probabilities = await inference.probabilities(served, batch)
-    payload = classify_payload(served, probabilities, k, [None] * len(batch))
-    return Response(payload, media_type="application/json")  # type: ignore[return-value]
+def number(params: dict[str, str], name: str, kind: type, low: float, high: float):  # noqa: ANN201
+    """A numeric query parameter within [low, high], or None when absent."""
+    text = params.get(name)
+    if text is None:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise InvalidInput("invalid_request", f"{name}: must be {what}") from None
+    return in_range(name, value, low, high)
+
+
+def in_range(name: str, value: float, low: float, high: float) -> float:
+    if not low <= value <= high:  # NaN fails this too
+        raise InvalidInput("invalid_request", f"{name}: must be between {low:g} and {high:g}")
+    return value
 
 
 @router.get("/models", response_model=ModelsResponse, summary="Served models and versions")
@@ -271,20 +192,28 @@ async def list_models(request: Request) -> ModelsResponse:
     pool = current(request).pool
     infos: dict[str, list[ModelVersion]] = {}
     for served in pool.models:
-        stored = served.stored
+        stored, spec = served.stored, served.spec
         infos.setdefault(stored.name, []).append(
             ModelVersion(
                 version=stored.version,
                 tag=stored.tag,
                 default=pool.get(stored.name) is served,
                 created=stored.created,
-                architecture=served.spec.architecture,
+                task=spec.task,
+                routes=list(served.task.routes),
+                architecture=spec.architecture,
+                dataset=spec.dataset,
                 precision=stored.precision,
-                input=served.spec.input,
-                labels=list(served.spec.labels),
-                provider=served.classifier.provider,
+                input=spec.input,
+                recipe=spec.input.describe(),
+                output=spec.output if spec.task == "classify" else None,
+                labels=list(spec.labels),
+                detect=spec.detect,
+                embed=spec.embed,
+                stylize=spec.stylize,
+                provider=served.model.provider,
                 sha256=stored.sha256,
-                metrics=served.spec.metrics,
+                metrics=spec.metrics,
             )
         )
     return ModelsResponse(

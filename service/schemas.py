@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
-from convserve.spec import InputSpec
+from convserve.spec import DetectSpec, EmbedSpec, InputSpec, StylizeSpec
+
+
+def json_body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s JSON schema with its nested definitions inlined, so it stands alone inside a
+    route's request body (references to `$defs` would point nowhere in the OpenAPI document)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(schema)
 
 
 class Prediction(BaseModel):
@@ -60,10 +81,21 @@ class ModelVersion(BaseModel):
     tag: str = Field(examples=["fashion-lenet5:oxpa3ixhw64noax4"])
     default: bool = Field(description="answers requests that name this model but no version")
     created: str = Field(description="ISO 8601 time the model was saved to the store")
+    task: str = Field(description="classify, detect, embed or stylize", examples=["classify"])
+    routes: list[str] = Field(description="the REST routes that serve it", examples=[["/classify"]])
     architecture: str = Field(examples=["lenet5"])
+    dataset: str = Field(description="what it was trained on", examples=["fashion-mnist"])
     precision: str = Field(description="fp32, or int8 (statically quantized)", examples=["fp32"])
-    input: InputSpec
+    input: InputSpec = Field(description="the preprocessing recipe")
+    recipe: str = Field(
+        description="the recipe in words",
+        examples=["stretch to 28x28, bilinear, grey, x/255, mean/std, NCHW"],
+    )
+    output: str | None = Field(None, description="classify: logits or probabilities")
     labels: list[str]
+    detect: DetectSpec | None = None
+    embed: EmbedSpec | None = None
+    stylize: StylizeSpec | None = None
     provider: str = Field(
         description="active ONNX Runtime execution provider", examples=["CPUExecutionProvider"]
     )

@@ -1,7 +1,9 @@
 """Preprocessed tensors from clients: `.npy` or raw bytes with shape and dtype, checked strictly.
 
-Layout is the model's own, N x C x H x W. float32 is taken as already normalized; uint8 is
-taken as pixels (0..255) and normalized with the model's mean and std, as images are.
+Layout is the model's own (N x C x H x W, or N x H x W x C for an NHWC model), channels in its
+order. float32 is taken as already normalized; uint8 is taken as pixels (0..255) and
+normalized with the model's mean and std, as images are (or passed as they are to a model
+that takes pixels).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 import numpy as np
 
 from convserve.errors import InvalidInput
-from convserve.preprocess import normalize
+from convserve.preprocess import model_input
 from convserve.spec import InputSpec
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -77,8 +79,7 @@ def _from_bytes(
 
 
 def to_model_input(array: np.ndarray, spec: InputSpec, max_images: int) -> np.ndarray:
-    """Checked N x C x H x W float32 for the model: `InvalidInput` on any mismatch, NaN or
-    infinity."""
+    """Checked input batch for the model: `InvalidInput` on any mismatch, NaN or infinity."""
     expected = spec.shape(-1)[1:]
     if array.ndim != 4 or tuple(array.shape[1:]) != expected:
         raise _invalid(
@@ -91,7 +92,10 @@ def to_model_input(array: np.ndarray, spec: InputSpec, max_images: int) -> np.nd
     if n > max_images:
         raise InvalidInput("too_many_images", f"{n} images sent; at most {max_images} per request")
     if array.dtype == np.uint8:
-        return normalize(array, spec)
+        nchw = array.transpose(0, 3, 1, 2) if spec.layout == "nhwc" else array
+        return model_input(nchw, spec)
+    if spec.dtype == "uint8":
+        raise _invalid("this model takes pixels: send uint8")
     if not np.isfinite(array).all():
         raise _invalid("the tensor holds NaN or infinite values")
     return np.ascontiguousarray(array, dtype=np.float32)

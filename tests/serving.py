@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICE = "convserve.service.app:Classifier"
+from convserve.defaults import SERVICE  # noqa: E402 - after the standard imports, as above
 
 
 def free_port() -> int:

@@ -77,7 +77,8 @@ def test_store_versions_and_latest(exported, bentoml_home):
     assert str(bentoml_home) in str(latest.path)  # the test session's own store
     verify_files(latest)
     assert set(latest.files) == {"model.onnx", "spec.json", "known_answer.npz"}
-    stored_pixels, logits, labels = read_known_answer(latest)
+    known = read_known_answer(latest)
+    stored_pixels, (logits,), labels = known.pixels, known.outputs, known.labels
     assert np.array_equal(stored_pixels, pixels) and logits.shape == (4, 10)
     assert labels == [spec.labels[i] for i in logits.argmax(1)]
     assert [v.tag for v in list_versions("fashion-test")] == [second.tag, first.tag]

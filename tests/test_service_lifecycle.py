@@ -113,8 +113,8 @@ def test_failed_known_answer_stops_start_up(bentoml_home, quick_stored, tmp_path
     stored = quick_stored[1]
     folder = home / "models" / "quick-lenet5" / stored.version
     with np.load(folder / "known_answer.npz") as f:
-        pixels, logits, labels = f["pixels"], f["logits"], f["labels"]
-    np.savez(folder / "known_answer.npz", pixels=pixels, logits=logits + 0.5, labels=labels)
+        pixels, logits, labels = f["pixels"], f["output_0"], f["labels"]
+    np.savez(folder / "known_answer.npz", pixels=pixels, output_0=logits + 0.5, labels=labels)
     _resign(folder, "known_answer.npz")
     out = _serve_and_expect_refusal(home, models=stored.tag)
     assert "self-test failed" in out

@@ -380,9 +380,10 @@ def test_readme_documents_every_setting():
 
 def test_pool_is_ready_only_after_warm_up(quick_stored):
     from convserve.service.pool import ModelPool
+    from convserve.service.tasks import TASKS
 
     settings = ServiceSettings(models=[quick_stored[1].tag], warmup_requests=2, max_batch_size=4)
-    pool = ModelPool.load(settings, None)
+    pool = ModelPool.load(settings, None, TASKS)
     assert not pool.ready
     asyncio.run(pool.warm_up(settings))
     assert pool.ready
