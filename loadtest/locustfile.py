@@ -212,7 +212,7 @@ class V2BinaryUser(FastHttpUser):
         with self.client.post(
             f"/v2/models/{V2_MODEL}/infer",
             name=f"/v2 infer [{TENSOR_BATCH} FP32 binary]",
-            data=body,
+            data=body,  # pyright: ignore[reportArgumentType] - bytes are sent as they are
             headers={"Inference-Header-Content-Length": str(header_length)},
             catch_response=True,
         ) as resp:
@@ -285,7 +285,7 @@ class SoakUser(_Checked):
     @task(10)
     def models(self) -> None:
         with self.client.get("/models", catch_response=True) as resp:
-            if resp.status_code != 200 or "models" not in resp.text:
+            if resp.status_code != 200 or "models" not in (resp.text or ""):
                 resp.failure(f"HTTP {resp.status_code}")
 
     @task(5)

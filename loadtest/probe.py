@@ -33,7 +33,7 @@ def _form(png: bytes) -> tuple[bytes, str]:
 
 def probe(url: str, requests: int, path: str = "/classify?top_k=1") -> dict:
     parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
     forms = [_form(png) for png in PNGS[:64]]
     times = []
     for i in range(requests + 100):
@@ -56,7 +56,7 @@ def probe(url: str, requests: int, path: str = "/classify?top_k=1") -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0] if __doc__ else None)
     parser.add_argument("--url", required=True)
     parser.add_argument("--requests", type=int, default=2000)
     args = parser.parse_args()

@@ -190,7 +190,7 @@ def table(profiles: list[Profile]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0] if __doc__ else None)
     parser.add_argument("--out", default="build/profile")
     parser.add_argument("--label", default="now", help="the column name, e.g. before / after")
     parser.add_argument("--models", default=DEFAULT_TAG)

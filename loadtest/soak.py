@@ -218,7 +218,7 @@ def _markdown(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--out", default="docs/soak")
     parser.add_argument("--model", default=DEFAULT_TAG, help="model store tag")

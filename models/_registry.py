@@ -22,6 +22,7 @@ _FAMILY_MODULES: tuple[str, ...] = (
     "convserve.models.vgg",
     "convserve.models.resnet",
     "convserve.models.inception",
+    "convserve.models.efficientnet",
 )
 
 _REGISTRY: dict[str, Builder] = {}

@@ -51,11 +51,17 @@ def classifier_prefix(model: nn.Module) -> str:
     return name + "."
 
 
-def load_transfer(model: nn.Module, path: str | Path, freeze: bool) -> list[str]:
-    """Copy every weight of `path` whose name and shape fit, except the classifier layer, which
-    keeps its fresh initialization (a new head for the new classes). With `freeze`, only what
-    was not loaded trains. Returns the names that were not loaded."""
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+def load_transfer(
+    model: nn.Module, source: str | Path | dict[str, torch.Tensor], freeze: bool
+) -> list[str]:
+    """Copy every weight of `source` (a checkpoint's path, or a state dict) whose name and
+    shape fit, except the classifier layer, which keeps its fresh initialization (a new head
+    for the new classes). With `freeze`, only what was not loaded trains. Returns the names
+    that were not loaded."""
+    if isinstance(source, dict):
+        state = source
+    else:
+        state = torch.load(source, map_location="cpu", weights_only=True)["state_dict"]
     own = model.state_dict()
     head = classifier_prefix(model)
     fitting = {
@@ -68,3 +74,14 @@ def load_transfer(model: nn.Module, path: str | Path, freeze: bool) -> list[str]
         for name, param in model.named_parameters():
             param.requires_grad = name not in fitting
     return [k for k in own if k not in fitting]
+
+
+def frozen_norms(model: nn.Module) -> list[nn.Module]:
+    """Batch-norm layers none of whose parameters train: a frozen backbone's. Training keeps
+    them in eval mode, so their running statistics stay those the weights were trained with
+    (a few hundred new images would otherwise pull them off)."""
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    return [
+        m for m in model.modules()
+        if isinstance(m, norms) and not any(p.requires_grad for p in m.parameters())
+    ]  # fmt: skip

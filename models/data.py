@@ -1,5 +1,7 @@
 """Datasets by the name a model spec carries: Fashion-MNIST (the four standard IDX `.gz`
-files), scikit-learn's digits, or a folder per class.
+files), scikit-learn's digits, a folder per class, and real photos for models trained on
+ImageNet (which is not here: scikit-image's wheel ships a few colour photos, public domain or
+CC0, read from where it is installed without importing it).
 
 Torch-free (numpy, Pillow) so export verification, INT8 calibration and the load tests read real
 images without torch. The IDX reader is a dozen lines of numpy: no maintained package reads
@@ -12,7 +14,7 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -22,6 +24,8 @@ from convserve.spec import (
     FASHION_MNIST_LABELS,
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
+    IMAGENET,
+    IMPORTED,
     InputSpec,
 )
 
@@ -131,7 +135,7 @@ def load_digits(split: Split, *, size: int = 28, test_fraction: float = 0.25) ->
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
 
-    digits = sklearn_digits()
+    digits: Any = sklearn_digits()  # a Bunch (images, target)
     pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
     train_idx, test_idx = train_test_split(
         np.arange(len(pixels)), test_size=test_fraction, random_state=0, stratify=digits.target
@@ -148,6 +152,52 @@ def load_digits(split: Split, *, size: int = 28, test_fraction: float = 0.25) ->
     )
 
 
+# scikit-image's colour photos (skimage/data), as its documentation licenses them.
+PHOTOS: tuple[str, ...] = (
+    "chelsea.png",  # a tabby cat (CC0, Stefan van der Walt)
+    "coffee.png",  # a cup of espresso (CC0, Rachel Michetti)
+    "astronaut.png",  # Eileen Collins (public domain, NASA)
+    "rocket.jpg",  # a rocket on its launch pad (public domain, SpaceX)
+    "hubble_deep_field.jpg",  # galaxies (public domain, NASA)
+    "retina.jpg",  # a human retina (CC0, Mikael Häggström)
+    "ihc.png",  # an immunohistochemistry stain (no known copyright restrictions)
+)
+PHOTO_SIZE = (320, 240)  # width x height: photos as an upload of that size would arrive
+
+
+def photos_dir() -> Path:
+    """skimage/data of the installed scikit-image wheel (the package is never imported)."""
+    import importlib.util
+
+    found = importlib.util.find_spec("skimage")
+    if found is None or not found.submodule_search_locations:
+        raise DatasetNotFoundError(
+            "real photos come from scikit-image's wheel: pip install scikit-image "
+            "(`make serve` and `make test` install it)"
+        )
+    return Path(next(iter(found.submodule_search_locations))) / "data"
+
+
+def photo_bytes(name: str) -> bytes:
+    """One of scikit-image's photos, as its file's bytes (PNG or JPEG)."""
+    return (photos_dir() / name).read_bytes()
+
+
+def load_photos(
+    names: tuple[str, ...] = PHOTOS, size: tuple[int, int] | None = PHOTO_SIZE
+) -> np.ndarray:
+    """Real colour photos as uint8 N x H x W x 3, each resized to `size` (width x height,
+    bilinear) so they stack; None keeps one photo at its own size."""
+    from PIL import Image
+
+    images = []
+    for name in names:
+        with Image.open(photos_dir() / name) as img:
+            rgb = img.convert("RGB")
+            images.append(np.asarray(rgb.resize(size, Image.Resampling.BILINEAR) if size else rgb))
+    return np.stack(images)
+
+
 def load_split(
     dataset: str,
     split: Split,
@@ -158,13 +208,17 @@ def load_split(
 ) -> LabelledImages:
     """One split of `dataset` (a spec's `dataset`: 'fashion-mnist', 'digits' or a folder root)
     as uint8 N x H x W x C images with its class names. Digits and folders are resized to `size`
-    and converted to `channels` as they load; Fashion-MNIST comes as it is, 28 x 28 grey
-    (`convserve.preprocess.from_pixels` adapts it to any spec, as it would an upload)."""
+    and converted to `channels` as they load; Fashion-MNIST comes as it is, 28 x 28 grey, and
+    photos (ImageNet's stand-in, unlabelled: -1) at `PHOTO_SIZE`
+    (`convserve.preprocess.from_pixels` adapts them to any spec, as it would an upload)."""
     if dataset == FASHION_MNIST:
         images = load_fashion_mnist(split, data_dir)
         return LabelledImages(images.images[..., None], images.labels, FASHION_MNIST_LABELS)
     if dataset == DIGITS:
         return load_digits(split, size=size)
+    if dataset in (IMAGENET, IMPORTED):  # unlabelled real photos: parity and known answers
+        photos = load_photos()
+        return LabelledImages(photos, np.full(len(photos), -1, dtype=np.int64), ())
     return load_image_folder(dataset, split, channels=channels, size=size)
 
 

@@ -87,7 +87,7 @@ def lenet5(
     return LeNet5(
         in_channels=in_channels,
         input_size=input_size,
-        filters=tuple(filters),
-        fc=tuple(fc),
+        filters=(filters[0], filters[1]),
+        fc=(fc[0], fc[1]),
         num_classes=num_classes,
     )

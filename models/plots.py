@@ -53,3 +53,17 @@ def plot_confusion(matrix: np.ndarray, labels: Sequence[str], path: Path, title:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_runs(histories: dict[str, Sequence[dict[str, float]]], path: Path, title: str) -> None:
+    """Test accuracy per epoch, one line per run."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, history in histories.items():
+        ax.plot([h["epoch"] for h in history], [100 * h["test_accuracy"] for h in history],
+                marker="o", label=name)  # fmt: skip
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -23,8 +23,10 @@ class LayerRow:
 
 
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    if hasattr(model, "summary_layers"):
-        return model.summary_layers()
+    layers = getattr(model, "summary_layers", None)
+    if callable(layers):  # a family's own grouping of its layers
+        grouped: list[tuple[str, nn.Module]] = layers()  # type: ignore[assignment]
+        return grouped
     return [(name.upper(), module) for name, module in model.named_children()]
 
 

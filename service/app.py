@@ -104,14 +104,6 @@ def _definition_settings() -> ServiceSettings:
 _defined = _definition_settings()
 
 
-def _tracing(sample_rate: float) -> dict:
-    """OpenTelemetry's middleware costs about a quarter of a millisecond per request even when
-    it samples nothing, so requests skip it unless the operator asks for traces."""
-    if sample_rate > 0:
-        return {"sample_rate": sample_rate}
-    return {"excluded_urls": [".*"]}
-
-
 @bentoml.service(
     name="convserve",
     workers=_defined.workers,
@@ -121,7 +113,11 @@ def _tracing(sample_rate: float) -> dict:
     # BentoML's request metrics label by raw path (unbounded on junk URLs) and cost a
     # middleware per request; convserve keeps its own, bounded ones (metrics.py).
     metrics={"enabled": False},
-    tracing=_tracing(_defined.trace_sample_rate),
+    # OpenTelemetry's middleware costs about a quarter of a millisecond per request even when it
+    # samples nothing, so requests skip it unless the operator asks for traces.
+    tracing={"sample_rate": _defined.trace_sample_rate}
+    if _defined.trace_sample_rate > 0
+    else {"excluded_urls": [".*"]},
     # convserve writes its own access lines (with the request id), when CONVSERVE_ACCESS_LOG.
     logging={"access": {"enabled": False}},
 )

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -164,7 +165,7 @@ async def _validation(request: Request, exc: Exception) -> Response:
     return await _domain(request, InvalidInput("invalid_request", problems or "invalid request"))
 
 
-def describe(err: dict) -> str:
+def describe(err: Mapping[str, Any]) -> str:
     """A pydantic/FastAPI validation error as `where: what`, without the offending value."""
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     return f"{'.'.join(loc) or 'request'}: {err.get('msg', 'invalid')}"

@@ -135,6 +135,7 @@ def read_images(
     {data, filename} objects. The parameters are resolved before the images are read, so a
     request naming an unknown model is refused before its images cost anything."""
     kind = media_type(content_type)
+    images: list[Upload]
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
         target = resolve(None)
         images = form_files(body, content_type or "", inference, ("images",))["images"]

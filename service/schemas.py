@@ -35,7 +35,7 @@ class Prediction(BaseModel):
 
 
 class ImageResult(BaseModel):
-    filename: str | None = Field(None, description="the part's filename, as uploaded")
+    filename: str | None = Field(default=None, description="the part's filename, as uploaded")
     predictions: list[Prediction] = Field(description="most likely first")
 
 
@@ -54,7 +54,9 @@ class EncodedImage(BaseModel):
         description="base64 of the image file's bytes (a data: URL is accepted too)",
         examples=["iVBORw0KGgoAAAANSUhEUgAA..."],
     )
-    filename: str | None = Field(None, description="echoed in the result", examples=["boot.png"])
+    filename: str | None = Field(
+        default=None, description="echoed in the result", examples=["boot.png"]
+    )
 
 
 class ClassifyJsonRequest(BaseModel):
@@ -71,7 +73,7 @@ class ClassifyJsonRequest(BaseModel):
     images: list[EncodedImage | str] = Field(
         min_length=1, description="base64-encoded image files, or objects with data + filename"
     )
-    top_k: int | None = Field(None, ge=1)
+    top_k: int | None = Field(default=None, ge=1)
     model: str | None = None
     version: str | None = None
 
@@ -91,7 +93,7 @@ class ModelVersion(BaseModel):
         description="the recipe in words",
         examples=["stretch to 28x28, bilinear, grey, x/255, mean/std, NCHW"],
     )
-    output: str | None = Field(None, description="classify: logits or probabilities")
+    output: str | None = Field(default=None, description="classify: logits or probabilities")
     labels: list[str]
     detect: DetectSpec | None = None
     embed: EmbedSpec | None = None

@@ -56,84 +56,92 @@ class ServiceSettings(BaseSettings):
         description="model store tags to serve, comma-separated; the first is the default model",
     )
     workers: int = Field(
-        1,
+        default=1,
         ge=1,
         description="BentoML worker processes; each loads its own sessions, and the ONNX "
         "Runtime threads are divided among them",
     )
     max_batch_size: int = Field(
-        128, ge=1, description="most images one ONNX Runtime call receives (adaptive batching)"
+        default=128,
+        ge=1,
+        description="most images one ONNX Runtime call receives (adaptive batching)",
     )
     max_batch_bytes: int = Field(
-        32 * 1024 * 1024,
+        default=32 * 1024 * 1024,
         ge=1024,
         description="most bytes of model input one ONNX Runtime call receives: with 224 px "
         "colour images (600 KB each as float32), batches stop at 53 images; 28 px ones reach "
         "max_batch_size",
     )
     max_latency_ms: int = Field(
-        2000,
+        default=2000,
         ge=1,
         description="queue + inference budget per request; a queued request that can no longer "
         "meet it is answered 503 at once",
     )
     max_queue_delay_ms: float = Field(
-        0.0,
+        default=0.0,
         ge=0,
         description="how long a batch that is not full may wait for more images (Triton's "
         "max_queue_delay); 0 never waits",
     )
     request_timeout_ms: int = Field(
-        10_000, ge=1, description="hard deadline for one inference request; past it, 504"
+        default=10_000, ge=1, description="hard deadline for one inference request; past it, 504"
     )
     warmup_requests: int = Field(
-        12,
+        default=12,
         ge=0,
         description="requests run through each batcher before ready, to train its latency model",
     )
     max_in_flight: int = Field(
-        256, ge=1, description="inference requests handled at once; more are answered 503"
+        default=256, ge=1, description="inference requests handled at once; more are answered 503"
     )
     max_queued_images: int = Field(
-        2048, ge=1, description="images waiting for or in inference, per model; more: 503"
+        default=2048, ge=1, description="images waiting for or in inference, per model; more: 503"
     )
     max_body_bytes: int = Field(
-        10 * 1024 * 1024, ge=1024, description="request body limit in bytes; larger: 413"
+        default=10 * 1024 * 1024, ge=1024, description="request body limit in bytes; larger: 413"
     )
     max_held_bytes: int = Field(
-        256 * 1024 * 1024,
+        default=256 * 1024 * 1024,
         ge=1024,
         description="request bodies held at once, in bytes, from first byte to answer; more: 503",
     )
     body_timeout_s: float = Field(
-        10.0, gt=0, description="time allowed for a request body to arrive; slower: 408"
+        default=10.0, gt=0, description="time allowed for a request body to arrive; slower: 408"
     )
     max_pending_bodies: int = Field(
-        64,
+        default=64,
         ge=1,
         description="requests whose body is still arriving after the first read (slow "
         "uploads); more: 503. They never take in-flight places",
     )
     max_request_pixels: int = Field(
-        100_000_000,
+        default=100_000_000,
         ge=1,
         description="width x height summed over a request's images, checked from their "
         "headers before any pixel is decoded; more: 413",
     )
     drain_s: float = Field(
-        5.0,
+        default=5.0,
         ge=0,
         description="on SIGTERM, /readyz answers 503 at once while requests are still served "
         "this long; then in-flight work finishes and the process exits 0",
     )
-    max_images_per_request: int = Field(64, ge=1, description="images in one request")
-    default_top_k: int = Field(5, ge=1, description="predictions per image when top_k is absent")
-    max_image_pixels: int = Field(
-        25_000_000, ge=1, description="width x height cap, checked before pixels are decoded"
+    max_images_per_request: int = Field(default=64, ge=1, description="images in one request")
+    default_top_k: int = Field(
+        default=5, ge=1, description="predictions per image when top_k is absent"
     )
-    min_image_side: int = Field(8, ge=1, description="shortest accepted image side, in pixels")
+    max_image_pixels: int = Field(
+        default=25_000_000,
+        ge=1,
+        description="width x height cap, checked before pixels are decoded",
+    )
+    min_image_side: int = Field(
+        default=8, ge=1, description="shortest accepted image side, in pixels"
+    )
     max_aspect_ratio: float = Field(
-        20.0, ge=1.0, description="longest side / shortest side of an accepted image"
+        default=20.0, ge=1.0, description="longest side / shortest side of an accepted image"
     )
     providers: CommaList = Field(
         default=["cpu"],
@@ -142,7 +150,7 @@ class ServiceSettings(BaseSettings):
         "cpu (or full ORT names)",
     )
     allow_provider_fallback: bool = Field(
-        False,
+        default=False,
         description="start even if a requested provider is not active (the active one is "
         "logged and shown by GET /models)",
     )
@@ -158,38 +166,40 @@ class ServiceSettings(BaseSettings):
         description="threads decoding large uploads off the event loop, which is also how many "
         "large images are decoded at once (default: usable cores)",
     )
-    inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime threads across operators")
+    inter_op_threads: int = Field(
+        default=1, ge=1, description="ONNX Runtime threads across operators"
+    )
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = Field(
-        "all", description="ONNX Runtime graph optimizations"
+        default="all", description="ONNX Runtime graph optimizations"
     )
     enable_mem_arena: bool = Field(
-        True, description="ONNX Runtime CPU memory arena (faster; holds peak memory)"
+        default=True, description="ONNX Runtime CPU memory arena (faster; holds peak memory)"
     )
     trace_sample_rate: float = Field(
-        0.0,
+        default=0.0,
         ge=0.0,
         le=1.0,
         description="OpenTelemetry sampling rate; 0 keeps requests out of tracing altogether",
     )
     gc_full_interval_s: float = Field(
-        300.0,
+        default=300.0,
         ge=0.0,
         description="after warm-up the garbage collector runs on a clock: young generations "
         "every second, a full pass this often; 0 keeps Python's automatic collection",
     )
     access_log: bool = Field(
-        False,
+        default=False,
         description="one log line per request: method, path, status, milliseconds, request id "
         "(off by default: logging costs a single core a noticeable share of its throughput; "
         "errors are logged either way)",
     )
     log_format: Literal["text", "json"] = Field(
-        "text",
+        default="text",
         description="json: every log line of the service is one JSON object with time, level, "
         "logger, message and request_id",
     )
     known_answer_atol: float = Field(
-        1e-3,
+        default=1e-3,
         gt=0,
         description="start-up self-test: largest logit difference from the answer recorded at "
         "export",

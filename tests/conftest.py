@@ -135,3 +135,24 @@ def rgb_stored(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory):
         {"spec": spec.model_dump(mode="json"), "state_dict": model.state_dict()}, out / "rgb.pt"
     )
     return _store(out / "rgb.pt", "rgb-lenet5", out / "rgb.onnx")
+
+
+@pytest.fixture(scope="session")
+def imagenet_stored(bentoml_home: Path):
+    """EfficientNet-Lite0 with its ImageNet weights, stored by the CLI as `make serve` does."""
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
+    subprocess.run(
+        [sys.executable, "-m", "convserve", "prepare", "imagenet-efficientnet-lite0"],
+        check=True, cwd=bentoml_home, env=env,
+    )  # fmt: skip
+    from convserve.store import load_model
+
+    return load_model("imagenet-efficientnet-lite0:latest")
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, bytes]:
+    """scikit-image's colour photos, as their files' bytes."""
+    from convserve.models.data import PHOTOS, photo_bytes
+
+    return {name: photo_bytes(name) for name in PHOTOS}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,25 @@ for name in ("models", "service", "export", "loadtest"):
 """
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True)
     assert result.returncode == 0, result.stderr.decode()
+
+
+def test_the_package_type_checks(installed):
+    """pyright (basic mode) over the installed package, against this environment's libraries."""
+    shutil.copyfile(ROOT / "pyproject.toml", installed / "pyproject.toml")
+    result = subprocess.run(
+        [str(BIN / "pyright"), "--project", str(installed), "--pythonpath", sys.executable],
+        cwd=installed, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    report = result.stdout.replace(str(installed) + "/", "")
+    assert result.returncode == 0, report[-6000:]
+    assert "0 errors" in report
+
+
+@pytest.mark.parametrize("command", [["check", "."], ["format", "--check", "."]])
+def test_ruff_lint_and_format_are_clean(command):
+    result = subprocess.run([str(BIN / "ruff"), *command], cwd=ROOT, capture_output=True,
+                            text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 PRIVATE = r"bentoml\._internal|^\s*(from|import)\s+_bentoml_(impl|sdk)"

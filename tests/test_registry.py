@@ -8,7 +8,7 @@ from convserve.models._registry import register_model
 def test_registry_lists_every_family():
     assert {
         "lenet5", "alexnet", "vgg11", "vgg16", "resnet18", "resnet34", "resnet50", "resnet20",
-        "googlenet", "inception_small",
+        "googlenet", "inception_small", "efficientnet_lite0",
     } <= set(models.list_models())  # fmt: skip
 
 
@@ -67,6 +67,7 @@ PUBLISHED_PARAMETERS = {
     "vgg16": 138_357_544,
     "resnet18": 11_689_512,
     "resnet50": 25_557_032,
+    "efficientnet_lite0": 4_652_008,  # the TensorFlow model garden's 4.7 M
 }
 
 

@@ -190,3 +190,39 @@ def test_two_process_distributed_training_ends_with_identical_weights(tmp_path):
     digests = metrics["rank_weight_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
     assert (out / "best.pt").exists()
+
+
+def test_transfer_from_imagenet_trains_a_new_head_on_a_frozen_backbone(tmp_path):
+    """The course's transfer learning: EfficientNet-Lite0's ImageNet features, frozen, and a new
+    10-class head trained on 5 Fashion-MNIST images per class (upscaled, replicated to RGB)."""
+    from convserve.models.pretrained import pretrained_model
+    from convserve.models.train import train
+
+    result = train(
+        _config(tmp_path, model="efficientnet_lite0", init_from="imagenet", freeze_backbone=True,
+                per_class=5, train_limit=None, test_limit=200, batch_size=10, lr=3e-3, epochs=2,
+                model_kwargs={"input_size": 32}, hflip=False)
+    )  # fmt: skip
+    imagenet, _ = pretrained_model("efficientnet_lite0", "imagenet")
+    model, spec = load_checkpoint(result.checkpoint)
+    assert result.metrics["train_images"] == 50  # 5 of each of the 10 classes
+    assert spec.input.channels == 3 and spec.input.height == 32
+    assert spec.input.mean == (0.5, 0.5, 0.5)  # the backbone's own normalization
+    source, tuned = imagenet.state_dict(), model.state_dict()
+    for name in ("stem.1.weight", "blocks.7.depthwise.1.weight", "head.1.weight"):
+        assert torch.equal(tuned[name], source[name]), name
+    # Frozen batch norms keep ImageNet's statistics (eval mode while the head trains).
+    assert torch.equal(tuned["blocks.3.project.2.running_mean"],
+                       source["blocks.3.project.2.running_mean"])  # fmt: skip
+    assert tuned["fc.weight"].shape == (10, 1280)
+    assert result.metrics["best_test_accuracy"] > 0.2  # chance is 0.1
+
+
+def test_evaluating_a_subset_without_the_last_class_sizes_the_matrix_by_the_model():
+    from convserve.models import create_model
+    from convserve.models.train import evaluate
+
+    model = create_model("lenet5", num_classes=10)
+    x, y = torch.randn(20, 1, 28, 28), torch.arange(20) % 9  # class 9 never appears
+    _, _, confusion = evaluate(model, x, y)
+    assert confusion.shape == (10, 10) and confusion.sum() == 20

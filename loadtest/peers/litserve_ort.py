@@ -22,16 +22,17 @@ class OrtClassifier(ls.LitAPI):
         threads = SessionConfig(intra_op_threads=int(os.environ.get("PEER_THREADS", "1")))
         self.session = make_session(os.environ["PEER_ONNX"], threads)
         self.input_name = self.session.get_inputs()[0].name
-        self.spec = spec_from_env()
+        # Not `self.spec`: LitAPI keeps its API spec (OpenAI, ...) there.
+        self.model_spec = spec_from_env()
 
     def decode_request(self, request) -> np.ndarray:  # noqa: ANN001 - the form LitServe passes
-        return to_batch([request["images"].file.read()], self.spec)[0]
+        return to_batch([request["images"].file.read()], self.model_spec)[0]
 
     def batch(self, inputs: list[np.ndarray]) -> np.ndarray:
         return np.stack(inputs)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        (logits,) = self.session.run(None, {self.input_name: x})
+        logits = np.asarray(self.session.run(None, {self.input_name: x})[0])
         e = np.exp(logits - logits.max(1, keepdims=True))
         return e / e.sum(1, keepdims=True)
 
@@ -39,7 +40,7 @@ class OrtClassifier(ls.LitAPI):
         return list(output)
 
     def encode_response(self, probabilities: np.ndarray) -> dict:
-        return answer(probabilities[None], self.spec, [None])
+        return answer(probabilities[None], self.model_spec, [None])
 
 
 def main() -> None:
