@@ -19,6 +19,7 @@ import asyncio
 import gc
 import importlib.util
 import logging
+import re
 from pathlib import Path
 
 import bentoml
@@ -26,6 +27,7 @@ from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from convserve.service import errors, heap, oip, rest
 from convserve.service.admission import Admission, AdmissionMiddleware
@@ -104,6 +106,28 @@ def _definition_settings() -> ServiceSettings:
 _defined = _definition_settings()
 
 
+class UnroutablePaths:
+    """ASGI, in front of BentoML's router: a path holding a line break (or another control
+    character) goes straight to convserve's app. BentoML mounts the app with a regular
+    expression whose `.` stops at a line break, so such a path never reached convserve and got
+    the router's own plain-text 404; now it gets convserve's JSON answer, request id included."""
+
+    def __init__(self, app: ASGIApp, target: ASGIApp) -> None:
+        self.app, self.target = app, target
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _CONTROL.search(scope["path"]):
+            await self.target(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+SERVED = RequestIds(
+    RequestMetrics(HotPath(app, ROUTES), ROUTES.template_of, access_log=_defined.access_log)
+)
+
+
 @bentoml.service(
     name="convserve",
     workers=_defined.workers,
@@ -121,12 +145,7 @@ _defined = _definition_settings()
     # convserve writes its own access lines (with the request id), when CONVSERVE_ACCESS_LOG.
     logging={"access": {"enabled": False}},
 )
-@bentoml.asgi_app(
-    RequestIds(
-        RequestMetrics(HotPath(app, ROUTES), ROUTES.template_of, access_log=_defined.access_log)
-    ),
-    path="/",
-)
+@bentoml.asgi_app(SERVED, path="/")
 class Classifier:
     @bentoml.on_deployment
     def verify_models() -> None:
@@ -209,3 +228,6 @@ class Classifier:
             collector.cancel()
             gc.enable()  # at once: the loop may stop before the cancelled task runs again
         self.pool.shutdown()
+
+
+Classifier.add_asgi_middleware(UnroutablePaths, target=SERVED)

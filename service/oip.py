@@ -369,29 +369,43 @@ async def ready(request: Request) -> JSONResponse:
 
 
 @router.get(
-    "/models/{name}", summary="Open Inference Protocol: model metadata", responses=MODEL_ERRORS
+    "/models/{name}",
+    summary="Open Inference Protocol: model metadata",
+    responses=MODEL_ERRORS,
+    operation_id="oip_model_metadata",
 )
 async def model_metadata(request: Request, name: str) -> dict:
     return _metadata(request, name, None)
 
 
-@router.get("/models/{name}/versions/{version}", responses=MODEL_ERRORS)
+@router.get(
+    "/models/{name}/versions/{version}",
+    responses=MODEL_ERRORS,
+    operation_id="oip_model_version_metadata",
+)
 async def model_version_metadata(request: Request, name: str, version: str) -> dict:
     return _metadata(request, name, version)
 
 
-@router.get("/models/{name}/ready", responses=READY_ERRORS)
+@router.get("/models/{name}/ready", responses=READY_ERRORS, operation_id="oip_model_ready")
 async def model_ready(request: Request, name: str) -> JSONResponse:
     return _ready(request, name, None)
 
 
-@router.get("/models/{name}/versions/{version}/ready", responses=READY_ERRORS)
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    responses=READY_ERRORS,
+    operation_id="oip_model_version_ready",
+)
 async def model_version_ready(request: Request, name: str, version: str) -> JSONResponse:
     return _ready(request, name, version)
 
 
 @router.get(
-    "/models/{name}/config", summary="Triton-style model configuration", responses=MODEL_ERRORS
+    "/models/{name}/config",
+    summary="Triton-style model configuration",
+    responses=MODEL_ERRORS,
+    operation_id="oip_model_config",
 )
 async def model_config(request: Request, name: str) -> dict:
     inference = current(request)
@@ -541,12 +555,17 @@ INFER_BODY = {
     summary="Open Inference Protocol: inference (JSON or binary tensor data)",
     responses=INFER_ERRORS,
     openapi_extra=INFER_BODY,
+    operation_id="oip_infer",
 )
 async def infer_route(request: Request, name: str) -> Response:
     return _response(await handle_infer(current(request), await plain(request), name))
 
 
-@router.post("/models/{name}/versions/{version}/infer", responses=INFER_ERRORS,
-             openapi_extra=INFER_BODY)  # fmt: skip
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    responses=INFER_ERRORS,
+    openapi_extra=INFER_BODY,
+    operation_id="oip_infer_version",
+)
 async def infer_version_route(request: Request, name: str, version: str) -> Response:
     return _response(await handle_infer(current(request), await plain(request), name, version))

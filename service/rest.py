@@ -52,9 +52,9 @@ INFERENCE_ERRORS = documented_errors(400, 404, 408, 413, 415, 422, 503, 504)
 MODEL_PARAMETERS = [
     {"name": "model", "in": "query", "required": False, "description":
      "model name (default: the first served model of the route's task)",
-     "schema": {"type": "string"}},
+     "schema": {"type": "string", "minLength": 1}},
     {"name": "version", "in": "query", "required": False, "description":
-     "model version, or 'latest'", "schema": {"type": "string"}},
+     "model version, or 'latest'", "schema": {"type": "string", "minLength": 1}},
 ]  # fmt: skip
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 IMAGE_BODIES = {f"image/{kind}": BINARY for kind in ("png", "jpeg", "webp", "gif")}
@@ -188,7 +188,30 @@ def in_range(name: str, value: float, low: float, high: float) -> float:
     return value
 
 
-@router.get("/models", response_model=ModelsResponse, summary="Served models and versions")
+# OpenAPI links: a client (or a stateful fuzzer) that lists the models can go on to each one's
+# Open Inference Protocol routes with a name and version that exist.
+_NAME = "$response.body#/models/0/name"
+_VERSION = "$response.body#/models/0/versions/0/version"
+MODEL_LINKS = {
+    operation: {"operationId": operation, "parameters": params}
+    for operation, params in {
+        "oip_model_metadata": {"name": _NAME},
+        "oip_model_ready": {"name": _NAME},
+        "oip_model_config": {"name": _NAME},
+        "oip_infer": {"name": _NAME},
+        "oip_model_version_metadata": {"name": _NAME, "version": _VERSION},
+        "oip_model_version_ready": {"name": _NAME, "version": _VERSION},
+        "oip_infer_version": {"name": _NAME, "version": _VERSION},
+    }.items()
+}
+
+
+@router.get(
+    "/models",
+    response_model=ModelsResponse,
+    summary="Served models and versions",
+    responses={200: {"description": "every served model", "links": MODEL_LINKS}},
+)
 async def list_models(request: Request) -> ModelsResponse:
     pool = current(request).pool
     infos: dict[str, list[ModelVersion]] = {}

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from convserve.service.wire import BASE64_PATTERN
 from convserve.spec import DetectSpec, EmbedSpec, InputSpec, StylizeSpec
+
+# A real image for the documents' examples (an 8 x 8 black PNG): requests built from them work.
+PNG_8X8_BASE64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAAAAADhZOFXAAAADElEQVR4nGNgoA4AAABIAAEuuDx+AAAAAElFTkSuQmCC"
+)
+Base64Text = Annotated[str, Field(json_schema_extra={"pattern": BASE64_PATTERN})]
 
 
 def json_body_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -52,7 +59,8 @@ class EncodedImage(BaseModel):
 
     data: str = Field(
         description="base64 of the image file's bytes (a data: URL is accepted too)",
-        examples=["iVBORw0KGgoAAAANSUhEUgAA..."],
+        examples=[PNG_8X8_BASE64],
+        json_schema_extra={"pattern": BASE64_PATTERN},
     )
     filename: str | None = Field(
         default=None, description="echoed in the result", examples=["boot.png"]
@@ -66,11 +74,11 @@ class ClassifyJsonRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"images": [{"data": "iVBORw0KGgo...", "filename": "boot.png"}]}]
+            "examples": [{"images": [{"data": PNG_8X8_BASE64, "filename": "black.png"}]}]
         },
     )
 
-    images: list[EncodedImage | str] = Field(
+    images: list[EncodedImage | Base64Text] = Field(
         min_length=1, description="base64-encoded image files, or objects with data + filename"
     )
     top_k: int | None = Field(default=None, ge=1)

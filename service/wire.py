@@ -7,6 +7,12 @@ import binascii
 
 from convserve.errors import InvalidInput
 
+# What decode_base64 accepts, as a JSON-schema pattern for the API's documents: the standard or
+# URL-safe alphabet, padding optional, a `data:...;base64,` prefix allowed. (The decoder also
+# forgives whitespace around and inside the text, which the pattern leaves out.)
+_B64 = "[A-Za-z0-9+/_-]"
+BASE64_PATTERN = rf"^(data:[^,]*;base64,)?(?:{_B64}{{4}})*(?:{_B64}{{2}}(?:==?)?|{_B64}{{3}}=?)?$"
+
 
 def decode_base64(text: str, what: str) -> bytes:
     """Image bytes from base64 as clients send it: standard or URL-safe alphabet, padding
