@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
-# convserve: a CNN classifier served from ONNX Runtime by BentoML.
+# convserve: CNN image models served from ONNX Runtime by BentoML.
 #
-#   docker build -t convserve .                                   # trains the default LeNet-5
+#   docker build -t convserve .        # trains the default LeNet-5, stores EfficientNet-Lite0 (ImageNet)
 #   docker build --build-arg MODEL_SOURCE=dir --build-arg MODEL_DIR=build/store -t convserve .
 #                                          # serves an exported store (a BENTOML_HOME's models/)
 #   docker build --target gpu -t convserve:gpu .                  # CUDA / TensorRT providers
@@ -55,11 +55,14 @@ RUN set -eu; mkdir -p "$BENTOML_HOME/models"; \
         -c constraints.txt "torch==2.13.0"; \
       /opt/train/bin/pip install -c constraints.txt ".[train]"; \
       /opt/train/bin/convserve train lenet5 --out /tmp/run $TRAIN_ARGS; \
-      /opt/train/bin/convserve export /tmp/run/best.pt --output /tmp/run/model.onnx ;; \
+      /opt/train/bin/convserve export /tmp/run/best.pt --output /tmp/run/model.onnx \
+        --name fashion-lenet5; \
+      /opt/train/bin/convserve prepare imagenet-efficientnet-lite0 ;; \
     *) echo "MODEL_SOURCE must be train or dir, not $MODEL_SOURCE" >&2; exit 1 ;; \
     esac; \
-    rm -rf /tmp/model-dir; \
-    ls "$BENTOML_HOME/models/fashion-lenet5" >/dev/null
+    rm -rf /tmp/model-dir /src/runs; \
+    ls "$BENTOML_HOME/models/fashion-lenet5" "$BENTOML_HOME/models/imagenet-efficientnet-lite0" \
+      >/dev/null
 
 # --- serving dependencies, no torch, no compilers in the final image ------------------------
 FROM base AS deps
@@ -106,7 +109,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     BENTOML_HOME=/opt/convserve/bentoml \
     BENTOML_DO_NOT_TRACK=true \
     PYTHONUNBUFFERED=1 \
-    CONVSERVE_MODELS=fashion-lenet5:latest \
+    CONVSERVE_MODELS=fashion-lenet5:latest,imagenet-efficientnet-lite0:latest \
     CONVSERVE_PROVIDERS=tensorrt,cuda,cpu
 USER 10001
 EXPOSE 3000
@@ -135,7 +138,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     TMPDIR=/tmp \
-    CONVSERVE_MODELS=fashion-lenet5:latest
+    CONVSERVE_MODELS=fashion-lenet5:latest,imagenet-efficientnet-lite0:latest
 USER 10001
 EXPOSE 3000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \

@@ -22,9 +22,10 @@ SHOTS = ROOT / "build" / "screenshots"
 
 
 @pytest.fixture(scope="module")
-def page_server(default_stored, bentoml_home, tmp_path_factory):
+def page_server(default_stored, imagenet_stored, bentoml_home, tmp_path_factory):
     log = tmp_path_factory.mktemp("page") / "server.log"
-    proc, url = start_server(bentoml_home, log, models="fashion-lenet5:latest")
+    models = "fashion-lenet5:latest,imagenet-efficientnet-lite0:latest"  # what `make serve` serves
+    proc, url = start_server(bentoml_home, log, models=models)
     yield url
     stop_server(proc)
 
@@ -91,6 +92,33 @@ def test_uploading_a_test_image_shows_its_label_with_bars_and_latency(
     assert "2 image(s) by fashion-lenet5:" in status and " ms " in status
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "demo-page.png"), full_page=True)
+    assert page.blocked == []  # type: ignore[attr-defined]
+
+
+def test_a_dropped_colour_photo_is_classified_by_the_imagenet_model(page, page_server, photos,
+                                                                   tmp_path):  # fmt: skip
+    cat = tmp_path / "chelsea.png"
+    cat.write_bytes(photos["chelsea.png"])
+    page.goto(page_server + "/")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 1")
+    page.select_option("#model", "imagenet-efficientnet-lite0")
+    assert "shorter side to 256, centre crop 224x224" in page.inner_text("#task")
+    # A real drop: a DataTransfer holding the file, dispatched on the drop zone.
+    page.evaluate_handle(
+        """async (bytes) => {
+            const dt = new DataTransfer();
+            dt.items.add(new File([new Uint8Array(bytes)], "chelsea.png", {type: "image/png"}));
+            document.getElementById("single").dispatchEvent(
+                new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+        }""",
+        list(cat.read_bytes()),
+    )
+    page.wait_for_selector(".card")
+    top = page.locator(".card .bar").first.inner_text()
+    assert top.split("\n")[0] in {"Egyptian Mau", "tabby cat", "a cat having a striped coat"}, top
+    assert "by imagenet-efficientnet-lite0:" in page.inner_text("#status")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "demo-page-photo.png"), full_page=True)
     assert page.blocked == []  # type: ignore[attr-defined]
 
 
