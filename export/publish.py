@@ -13,7 +13,13 @@ from pathlib import Path
 
 from convserve.export.onnx_export import ExportConfig, export_onnx
 from convserve.export.quantize import quantize_with_report
-from convserve.export.verify import MAX_ABS_LOGIT_DIFF, ParityReport, check_parity, known_pixels
+from convserve.export.verify import (
+    MAX_ABS_BOX_DIFF,
+    MAX_ABS_LOGIT_DIFF,
+    ParityReport,
+    check_parity,
+    known_pixels,
+)
 from convserve.spec import ModelSpec
 from convserve.store import StoredModel, save_model
 
@@ -45,10 +51,11 @@ def publish(
     output = Path(output) if output else checkpoint.with_suffix(".onnx")
     path, spec = export_onnx(ExportConfig(checkpoint=str(checkpoint), output=str(output)))
     report = check_parity(checkpoint, path, images=parity_images, data_dir=data_dir)
+    boxes = f", boxes {report.max_box_diff:.2e} px (limit {MAX_ABS_BOX_DIFF:.0e})"
     say(
         f"parity on {report.images} test images: top-1 agreement "
-        f"{100 * report.top1_agreement:.2f}%, max |logit diff| {report.max_abs_diff:.2e} "
-        f"(limit {MAX_ABS_LOGIT_DIFF:.0e})"
+        f"{100 * report.top1_agreement:.2f}%, max |output diff| {report.max_abs_diff:.2e} "
+        f"(limit {MAX_ABS_LOGIT_DIFF:.0e}){boxes if spec.task == 'detect' else ''}"
     )
     if not report.passed:
         raise ParityFailed("parity check failed; the model was not stored")

@@ -23,18 +23,27 @@ _FAMILY_MODULES: tuple[str, ...] = (
     "convserve.models.resnet",
     "convserve.models.inception",
     "convserve.models.efficientnet",
+    "convserve.models.yolo",
+    "convserve.models.embedding",
 )
 
 _REGISTRY: dict[str, Builder] = {}
+_TASKS: dict[str, str] = {}  # name -> what it is trained for (convserve.spec.TASKS)
 
 
-def register_model(fn: Builder) -> Builder:
-    """Register `fn` under its own name; a second builder with the same name is refused."""
-    name = fn.__name__
-    if name in _REGISTRY:
-        raise ValueError(f"model {name!r} is already registered")
-    _REGISTRY[name] = fn
-    return fn
+def register_model(fn: Builder | None = None, *, task: str = "classify"):  # noqa: ANN201
+    """Register `fn` under its own name (`@register_model`, or `@register_model(task="detect")`
+    for a model trained for another task); a second builder with the same name is refused."""
+
+    def register(builder: Builder) -> Builder:
+        name = builder.__name__
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = builder
+        _TASKS[name] = task
+        return builder
+
+    return register if fn is None else register(fn)
 
 
 def _load_families() -> None:
@@ -45,6 +54,14 @@ def _load_families() -> None:
 def list_models() -> list[str]:
     _load_families()
     return sorted(_REGISTRY)
+
+
+def task_of(name: str) -> str:
+    """What the registered architecture `name` is trained for: classify, detect or embed."""
+    _load_families()
+    if name not in _TASKS:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _TASKS[name]
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

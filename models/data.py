@@ -152,6 +152,25 @@ def load_digits(split: Split, *, size: int = 28, test_fraction: float = 0.25) ->
     )
 
 
+SCENES = "fashion-scenes"  # detection scenes composed from Fashion-MNIST (models/scenes.py)
+TEST_SCENES = 2000
+
+
+def load_scenes(
+    split: Split,
+    count: int,
+    data_dir: str | os.PathLike[str] | None = None,
+    seed: int | None = None,
+):  # noqa: ANN201 - a scenes.Scenes
+    """Detection scenes of one split: garments of the training split for "train", of the test
+    split for "test", each seeded on its own, so no test garment was seen in training."""
+    from convserve.models.scenes import TEST_SEED, TRAIN_SEED, compose
+
+    garments = load_fashion_mnist(split, data_dir)
+    default = TRAIN_SEED if split == "train" else TEST_SEED
+    return compose(garments.images, garments.labels, count, default if seed is None else seed)
+
+
 # scikit-image's colour photos (skimage/data), as its documentation licenses them.
 PHOTOS: tuple[str, ...] = (
     "chelsea.png",  # a tabby cat (CC0, Stefan van der Walt)
@@ -216,6 +235,11 @@ def load_split(
         return LabelledImages(images.images[..., None], images.labels, FASHION_MNIST_LABELS)
     if dataset == DIGITS:
         return load_digits(split, size=size)
+    if dataset == SCENES:  # the test scenes, for parity and known answers (boxes aside)
+        scenes = load_scenes(split, TEST_SCENES, data_dir)
+        return LabelledImages(
+            scenes.images[..., None], np.full(len(scenes), -1), FASHION_MNIST_LABELS
+        )
     if dataset in (IMAGENET, IMPORTED):  # unlabelled real photos: parity and known answers
         photos = load_photos()
         return LabelledImages(photos, np.full(len(photos), -1, dtype=np.int64), ())

@@ -12,17 +12,28 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+CURVE_KEYS = {"epoch", "elapsed_s", "train_loss", "test_loss"}
+
 
 def plot_curves(history: Sequence[dict[str, float]], path: Path) -> None:
+    """Loss per epoch, and every other measure the objective records (accuracy for a
+    classifier; mAP for a detector; ROC-AUC for an embedding), in percent."""
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
     ax_loss.plot(epochs, [h["test_loss"] for h in history], marker="o", label="test")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
-    ax_acc.plot(epochs, [100 * h["train_accuracy"] for h in history], marker="o", label="train")
-    ax_acc.plot(epochs, [100 * h["test_accuracy"] for h in history], marker="o", label="test")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
-    for ax in (ax_loss, ax_acc):
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    measures = [k for k in history[0] if k not in CURVE_KEYS]
+    if "test_accuracy" not in measures:  # the objective has no accuracy of its own
+        measures = [k for k in measures if k != "train_accuracy"]
+    for key in measures:
+        label = {"train_accuracy": "train", "test_accuracy": "test"}.get(key, key)
+        ax_metric.plot(epochs, [100 * h[key] for h in history], marker="o", label=label)
+    title = "Accuracy" if "test_accuracy" in measures else "Test set"
+    ax_metric.set(
+        xlabel="epoch", ylabel="%" if title != "Accuracy" else "accuracy (%)", title=title
+    )
+    for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -59,11 +70,82 @@ def plot_runs(histories: dict[str, Sequence[dict[str, float]]], path: Path, titl
     """Test accuracy per epoch, one line per run."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, history in histories.items():
-        ax.plot([h["epoch"] for h in history], [100 * h["test_accuracy"] for h in history],
-                marker="o", label=name)  # fmt: skip
+        ax.plot(
+            [h["epoch"] for h in history],
+            [100 * h["test_accuracy"] for h in history],
+            marker="o",
+            label=name,
+        )
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_detections(images, found, truths, labels: Sequence[str], path: Path, title: str) -> None:  # noqa: ANN001
+    """Scenes with their true boxes (green) and the detections (orange, label and score)."""
+    from matplotlib.patches import Rectangle
+
+    cols = min(3, len(images))
+    rows = -(-len(images) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, dets, (boxes, _) in zip(axes.ravel(), images, found, truths, strict=False):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        for x1, y1, x2, y2 in boxes:
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="#3ddc84", lw=1.5))
+        for (x1, y1, x2, y2), score, c in zip(dets.boxes, dets.scores, dets.classes, strict=True):
+            ax.add_patch(
+                Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="#f5a623", lw=1.2, ls="--")
+            )
+            ax.text(
+                x1,
+                y1 - 1,
+                f"{labels[int(c)]} {score:.2f}",
+                color="black",
+                fontsize=6,
+                bbox={"facecolor": "#f5a623", "pad": 0.5, "lw": 0},
+            )
+    fig.suptitle(title + "  (green: truth, orange: detected)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_embeddings(
+    points,
+    labels,
+    names: Sequence[str],
+    unseen: Sequence[int],
+    path: Path,  # noqa: ANN001
+    title: str,
+) -> None:
+    """Embeddings projected on their first two principal components, one colour per class;
+    classes never seen in training drawn as crosses."""
+    centred = points - points.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    xy = centred @ vt[:2].T
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    cmap = plt.get_cmap("tab10")
+    for c in sorted(set(labels.tolist())):
+        mine = labels == c
+        marker = "x" if c in unseen else "."
+        tag = " (unseen)" if c in unseen else ""
+        ax.scatter(
+            xy[mine, 0],
+            xy[mine, 1],
+            s=10,
+            marker=marker,
+            color=cmap(c),
+            label=names[c] + tag,
+            alpha=0.7,
+        )
+    ax.set(xlabel="first principal component", ylabel="second principal component", title=title)
+    ax.legend(fontsize=7, markerscale=2)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

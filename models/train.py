@@ -1,6 +1,8 @@
 """One readable training loop: data -> (schedule, forward/backward, step) -> eval -> checkpoint.
 
-`TrainConfig` holds every default; `convserve train` derives its options from its fields.
+`TrainConfig` holds every default; `convserve train` derives its options from its fields. What
+is trained for is the model's task's `Objective` (`objectives.py`: classification; `detection.py`,
+`siamese.py`): its data, each step's loss, the evaluation that keeps the best epoch, the spec.
 """
 
 from __future__ import annotations
@@ -20,11 +22,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from convserve.models import create_model
-from convserve.models.augment import augment_batch, random_erase
+from convserve.models._registry import task_of
 from convserve.models.checkpoint import (
     BEST_NAME,
     LAST_NAME,
@@ -34,10 +35,9 @@ from convserve.models.checkpoint import (
     save_best,
     save_state,
 )
-from convserve.models.data import input_spec_for, load_split
-from convserve.models.plots import plot_confusion, plot_curves
-from convserve.preprocess import from_pixels
-from convserve.spec import FASHION_MNIST, InputSpec, ModelSpec
+from convserve.models.objectives import Objective, Prepared, objective_for
+from convserve.models.plots import plot_curves
+from convserve.spec import FASHION_MNIST, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -132,56 +132,6 @@ class TrainResult:
 
 
 @dataclass(frozen=True)
-class Prepared:
-    x_train: torch.Tensor  # N x C x H x W, normalized
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    input_spec: InputSpec
-    labels: tuple[str, ...]
-
-
-def first_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
-    """Indices of the first `per_class` examples of each class, in their original order."""
-    keep = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        keep[np.flatnonzero(labels == c)[:per_class]] = True
-    return np.flatnonzero(keep)
-
-
-def prepare_data(
-    config: TrainConfig, model_kwargs: dict[str, Any], pretrained: InputSpec | None = None
-) -> Prepared:
-    """Both splits through the serving preprocessing (`convserve.preprocess.from_pixels`):
-    Fashion-MNIST at another size or with 3 channels is resized and replicated as an upload
-    would be. `pretrained`: the recipe of the weights training starts from, whose mean and std
-    the inputs keep (the backbone's features were learnt on them)."""
-    channels, size = model_kwargs["in_channels"], model_kwargs["input_size"]
-    shape = {"channels": channels, "size": size}
-    train = load_split(config.dataset, "train", **shape, data_dir=config.data_dir)
-    test = load_split(config.dataset, "test", **shape, data_dir=config.data_dir)
-    spec = input_spec_for(config.dataset, train, channels, size)
-    if pretrained is not None and pretrained.channels == channels:
-        spec = spec.model_copy(update={"mean": pretrained.mean, "std": pretrained.std})
-
-    chosen = np.arange(len(train.labels))
-    if config.per_class is not None:
-        chosen = first_per_class(np.asarray(train.labels), config.per_class)
-    chosen = chosen[: config.train_limit]
-
-    def tensors(images: np.ndarray, labels: np.ndarray):
-        # Preprocessed in slices: 10,000 images at 3 x 112 x 112 are 1.5 GB as float32 already.
-        x = np.concatenate([from_pixels(images[i : i + 1000], spec)
-                            for i in range(0, len(images), 1000)])  # fmt: skip
-        return torch.from_numpy(x), torch.from_numpy(np.asarray(labels))
-
-    x_train, y_train = tensors(train.images[chosen], train.labels[chosen])
-    limit = config.test_limit
-    x_test, y_test = tensors(test.images[:limit], test.labels[:limit])
-    return Prepared(x_train, y_train, x_test, y_test, spec, tuple(train.classes))
-
-
-@dataclass(frozen=True)
 class Distributed:
     """This process's place in a torchrun job (a world of 1 without torchrun)."""
 
@@ -222,35 +172,13 @@ def make_schedule(
     )
 
 
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    device: torch.device | None = None,
-    batch_size: int = 1000,
-) -> tuple[float, float, np.ndarray]:
-    """Mean loss, accuracy and the confusion matrix (rows: true class) over (x, y)."""
-    model.eval()
-    confusion: np.ndarray | None = None
-    total_loss = 0.0
-    for i in range(0, len(x), batch_size):
-        logits = model(x[i : i + batch_size].to(device or "cpu")).float().cpu()
-        if confusion is None:  # sized by the model's classes, not the labels seen in y
-            confusion = np.zeros((logits.shape[1], logits.shape[1]), dtype=np.int64)
-        target = y[i : i + batch_size]
-        total_loss += F.cross_entropy(logits, target, reduction="sum").item()
-        np.add.at(confusion, (target.numpy(), logits.argmax(1).numpy()), 1)
-    assert confusion is not None, "nothing to evaluate"
-    return total_loss / len(x), float(np.trace(confusion) / len(x)), confusion
-
-
 @dataclass
 class Trainer:
     """What one epoch needs: the model (wrapped for DDP or not), its optimizer and schedule,
-    the augmentation stream. `train_one_epoch` is the whole inner loop."""
+    the augmentation stream, the objective. `train_one_epoch` is the whole inner loop."""
 
     config: TrainConfig
+    objective: Objective
     model: torch.nn.Module  # the bare model: evaluated and saved
     trained: torch.nn.Module  # what the step runs: the model, or DDP around it
     optimizer: torch.optim.Optimizer
@@ -261,10 +189,14 @@ class Trainer:
     layout: torch.memory_format
     black: float  # the background after normalization: augmentation's fill value
 
+    def to_device(self, xb: torch.Tensor) -> torch.Tensor:
+        return xb.to(self.device, memory_format=self.layout, non_blocking=True)
+
     def train_one_epoch(
         self, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, desc: str, show: bool
     ) -> tuple[float, float]:
-        """One pass over `order` (indices into x, y); returns mean loss and accuracy."""
+        """One pass over `order` (indices into x, y); returns mean loss and the fraction the
+        objective counted right (accuracy, for a classifier)."""
         config, use_amp = self.config, self.scaler.is_enabled()
         self.trained.train()
         for norm in frozen_norms(self.model):  # a frozen backbone's statistics stay its own
@@ -277,24 +209,16 @@ class Trainer:
         )
         for step in bar:
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            xb, yb = x[idx], y[idx]
-            if config.augment:
-                xb = augment_batch(xb, self.generator, fill=self.black, flip=config.hflip)
-            if config.random_erasing:
-                xb = random_erase(xb, self.generator, p=config.random_erasing, fill=self.black)
-            xb = xb.to(self.device, memory_format=self.layout, non_blocking=True)
-            yb = yb.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_amp):
-                logits = self.trained(xb)
-                loss = F.cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
+                loss, right = self.objective.loss(self, x[idx], y[idx])
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
-            running_loss += loss.item() * len(xb)
-            seen += len(xb)
-            correct += int((logits.argmax(1) == yb).sum())
+            running_loss += loss.item() * len(idx)
+            seen += len(idx)
+            correct += right
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{running_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
         return running_loss / seen, correct / seen
@@ -352,23 +276,23 @@ def _rank_digests(trainer: Trainer, dist: Distributed) -> list[str | None]:
 
 @dataclass
 class RunState:
-    """What the loop carries from epoch to epoch; `last.pt` saves it beside the trainer's."""
+    """What the loop carries from epoch to epoch; `last.pt` saves it beside the trainer's.
+    `best_score` is the objective's metric at its best epoch, `best_artifact` what the report
+    draws of that epoch (a classifier's confusion matrix)."""
 
     history: list[dict[str, float]] = field(default_factory=list)
-    best_accuracy: float = -1.0
-    best_confusion: np.ndarray | None = None
+    best_score: float = -1.0
+    best_artifact: Any = None
 
     def saved(self) -> dict[str, Any]:
-        confusion = None if self.best_confusion is None else self.best_confusion.tolist()
-        return {
-            "history": self.history,
-            "best_accuracy": self.best_accuracy,
-            "best_confusion": confusion,
-        }
+        artifact = self.best_artifact
+        if isinstance(artifact, np.ndarray):
+            artifact = artifact.tolist()
+        return {"history": self.history, "best_score": self.best_score, "best_artifact": artifact}
 
     @classmethod
     def restored(cls, state: dict[str, Any]) -> RunState:
-        return cls(state["history"], state["best_accuracy"], np.asarray(state["best_confusion"]))
+        return cls(state["history"], state["best_score"], state["best_artifact"])
 
 
 def end_of_epoch(
@@ -378,37 +302,41 @@ def end_of_epoch(
     epoch: int,
     train_loss: float,
     train_accuracy: float,
-    spec_of: Callable[[dict[str, float]], ModelSpec],
+    spec_of: Callable[[dict[str, float], dict[str, Any]], ModelSpec],
     started: float,
 ) -> None:
     """Evaluate, record, checkpoint (best.pt when it improved, last.pt always), redraw."""
-    config, out = trainer.config, Path(trainer.config.out_dir)
-    test_loss, test_accuracy, confusion = evaluate(
-        trainer.model, data.x_test, data.y_test, trainer.device
-    )
-    run.history.append(
-        {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "train_accuracy": train_accuracy,
-            "test_loss": test_loss,
-            "test_accuracy": test_accuracy,
-            "elapsed_s": time.perf_counter() - started,
-        }
-    )
-    improved = test_accuracy > run.best_accuracy
+    config, out, objective = trainer.config, Path(trainer.config.out_dir), trainer.objective
+    evaluation = objective.evaluate(trainer.model, data, trainer.device)
+    row = {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "train_accuracy": train_accuracy,
+        **evaluation.metrics,
+        "elapsed_s": time.perf_counter() - started,
+    }
+    run.history.append(row)
+    score = evaluation.metrics[objective.metric]
+    improved = score > run.best_score
     if improved:
-        run.best_accuracy, run.best_confusion = test_accuracy, confusion
-        metrics = {"test_accuracy": test_accuracy, "test_loss": test_loss, "epoch": epoch}
-        save_best(out / BEST_NAME, trainer.model, spec_of(metrics), asdict(config))
+        run.best_score, run.best_artifact = score, evaluation.artifact
+        metrics = {**evaluation.metrics, "epoch": epoch}
+        spec = spec_of(metrics, objective.spec_parts(data, evaluation))
+        save_best(out / BEST_NAME, trainer.model, spec, asdict(config))
     extra = {"epoch": epoch, "config": asdict(config)}
     save_state(out / LAST_NAME, {**trainer.state(), **run.saved(), **extra})
     _write_history(run.history, out)
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items())
     log.info(
-        "epoch %d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%%s  (%.0f s)",
-        epoch, config.epochs, train_loss, 100 * train_accuracy, test_loss,
-        100 * test_accuracy, "  *best*" if improved else "", run.history[-1]["elapsed_s"],
-    )  # fmt: skip
+        "epoch %d/%d  train loss %.4f acc %.2f%%  %s%s  (%.0f s)",
+        epoch,
+        config.epochs,
+        train_loss,
+        100 * train_accuracy,
+        shown,
+        "  *best*" if improved else "",
+        row["elapsed_s"],
+    )
 
 
 def _pretrained(config: TrainConfig):  # noqa: ANN202 - a Pretrained, or None
@@ -436,6 +364,7 @@ def transfer_source(config: TrainConfig) -> str | dict[str, torch.Tensor]:
 
 def build_trainer(
     config: TrainConfig,
+    objective: Objective,
     data: Prepared,
     model_kwargs: dict[str, Any],
     device: torch.device,
@@ -452,6 +381,7 @@ def build_trainer(
     steps_per_epoch = math.ceil(per_rank / config.batch_size)
     return Trainer(
         config=config,
+        objective=objective,
         model=model,
         trained=torch.nn.parallel.DistributedDataParallel(model) if dist.world_size > 1 else model,
         optimizer=optimizer,
@@ -481,12 +411,14 @@ def train(config: TrainConfig) -> TrainResult:
     pretrained = _pretrained(config)
     defaults = {"in_channels": 1, "input_size": 28}
     if pretrained is not None:  # the pretrained network's own input: 3 x 224 x 224
-        defaults = {"in_channels": pretrained.input.channels,
-                    "input_size": pretrained.input.height}  # fmt: skip
+        defaults = {"in_channels": pretrained.input.channels, "input_size": pretrained.input.height}
     model_kwargs = {**defaults, **config.model_kwargs}
-    data = prepare_data(config, model_kwargs, pretrained.input if pretrained else None)
-    model_kwargs.setdefault("num_classes", len(data.labels))
-    trainer = build_trainer(config, data, model_kwargs, device, dist)
+    objective = objective_for(task_of(config.model))
+    data = objective.prepare(config, model_kwargs, pretrained.input if pretrained else None)
+    model_kwargs = {**model_kwargs, **data.model_kwargs}  # what the data chose (anchors)
+    if data.labels:
+        model_kwargs.setdefault("num_classes", len(data.labels))
+    trainer = build_trainer(config, objective, data, model_kwargs, device, dist)
     # Each rank takes its shard of every epoch (padded to equal size, so steps stay in step).
     sampler = torch.utils.data.DistributedSampler(
         range(len(data.x_train)),  # pyright: ignore[reportArgumentType] - it needs len() only
@@ -502,14 +434,15 @@ def train(config: TrainConfig) -> TrainResult:
         run, first_epoch = RunState.restored(state), state["epoch"] + 1
         log.info("resumed from %s at epoch %d", config.resume, first_epoch)
 
-    def spec_of(metrics: dict[str, float]) -> ModelSpec:
+    def spec_of(metrics: dict[str, float], parts: dict[str, Any]) -> ModelSpec:
         return ModelSpec(
             architecture=config.model,
-            dataset=config.dataset,
+            dataset=parts.pop("dataset", config.dataset),
             kwargs=model_kwargs,
             input=data.input_spec,
             labels=data.labels,
             metrics=metrics,
+            **parts,
         )
 
     started = time.perf_counter() - (run.history[-1]["elapsed_s"] if run.history else 0.0)
@@ -519,7 +452,7 @@ def train(config: TrainConfig) -> TrainResult:
             sampler.set_epoch(epoch)
             order = torch.tensor(list(sampler))
         else:  # one process: the training stream of earlier releases, run for run identical
-            order = torch.randperm(len(data.x_train), generator=trainer.generator)
+            order = objective.order(data, trainer.generator)
         desc = f"epoch {epoch}/{config.epochs}"
         show = config.progress and dist.is_main
         train_loss, train_accuracy = trainer.train_one_epoch(
@@ -541,8 +474,8 @@ def train(config: TrainConfig) -> TrainResult:
         "model": config.model,
         "model_kwargs": model_kwargs,
         "dataset": config.dataset,
-        "best_test_accuracy": run.best_accuracy,
-        "best_epoch": max(run.history, key=lambda h: h["test_accuracy"])["epoch"],
+        objective.summary: run.best_score,
+        "best_epoch": max(run.history, key=lambda h: h[objective.metric])["epoch"],
         "train_time_s": time.perf_counter() - started,
         "train_images": len(data.x_train),
         "test_images": len(data.x_test),
@@ -553,7 +486,5 @@ def train(config: TrainConfig) -> TrainResult:
         "config": asdict(config),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    assert run.best_confusion is not None
-    title = f"{config.model}: test accuracy {100 * run.best_accuracy:.2f}%"
-    plot_confusion(run.best_confusion, data.labels, out / "confusion.png", title)
+    objective.report(run.best_artifact, data, out, config.model, run.best_score)
     return TrainResult(checkpoint=out / BEST_NAME, metrics=metrics)

@@ -43,16 +43,31 @@ def run(args: argparse.Namespace) -> list[dict]:
     for i, arm in enumerate(ARMS):
         print(f"[{i + 1}/{len(ARMS)}] {arm.name}", flush=True)
         config = TrainConfig(
-            model="efficientnet_lite0", model_kwargs={"input_size": args.size, "in_channels": 3},
-            per_class=args.per_class, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-            init_from=arm.init_from, freeze_backbone=arm.freeze_backbone, hflip=False,
-            eval_every=args.eval_every, out_dir=f"{args.runs}/run-{i}", seed=args.seed,
-        )  # fmt: skip
+            model="efficientnet_lite0",
+            model_kwargs={"input_size": args.size, "in_channels": 3},
+            per_class=args.per_class,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            init_from=arm.init_from,
+            freeze_backbone=arm.freeze_backbone,
+            hflip=False,
+            eval_every=args.eval_every,
+            out_dir=f"{args.runs}/run-{i}",
+            seed=args.seed,
+        )
         m = train(config).metrics
-        rows.append({"arm": arm.name, "best_test_accuracy": m["best_test_accuracy"],
-                     "final_test_accuracy": m["history"][-1]["test_accuracy"],
-                     "train_time_s": m["train_time_s"], "train_images": m["train_images"],
-                     "test_images": m["test_images"], "history": m["history"]})  # fmt: skip
+        rows.append(
+            {
+                "arm": arm.name,
+                "best_test_accuracy": m["best_test_accuracy"],
+                "final_test_accuracy": m["history"][-1]["test_accuracy"],
+                "train_time_s": m["train_time_s"],
+                "train_images": m["train_images"],
+                "test_images": m["test_images"],
+                "history": m["history"],
+            }
+        )
     (out / "results.json").write_text(json.dumps({"args": vars(args), "runs": rows}, indent=2))
     plot_runs(
         {r["arm"]: r["history"] for r in rows},
@@ -71,10 +86,13 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         "",
         "| start | test accuracy, last epoch | best | wall time (2 cores) |",
         "|---|---|---|---|",
-        *(f"| {r['arm']} | {100 * r['final_test_accuracy']:.2f} % | "
-          f"{100 * r['best_test_accuracy']:.2f} % | {r['train_time_s']:.0f} s |" for r in rows),
+        *(
+            f"| {r['arm']} | {100 * r['final_test_accuracy']:.2f} % | "
+            f"{100 * r['best_test_accuracy']:.2f} % | {r['train_time_s']:.0f} s |"
+            for r in rows
+        ),
         "",
-    ]  # fmt: skip
+    ]
     return "\n".join(lines)
 
 

@@ -2,7 +2,12 @@ import pytest
 import torch
 
 from convserve import models
-from convserve.models._registry import register_model
+from convserve.models._registry import register_model, task_of
+
+# The registry's models by what they are trained for: each kind has its own forward contract.
+CLASSIFIERS = [n for n in models.list_models() if task_of(n) == "classify"]
+DETECTORS = [n for n in models.list_models() if task_of(n) == "detect"]
+EMBEDDERS = [n for n in models.list_models() if task_of(n) == "embed"]
 
 
 def test_registry_lists_every_family():
@@ -25,7 +30,7 @@ def test_unknown_model_names_the_known_ones():
         models.create_model("no-such-net")
 
 
-@pytest.mark.parametrize("name", models.list_models())
+@pytest.mark.parametrize("name", CLASSIFIERS)
 @pytest.mark.parametrize(
     ("channels", "size"), [(1, 28), (3, 28), (1, 32), (3, 32), (1, 224), (3, 224)]
 )
@@ -38,7 +43,36 @@ def test_forward_shape_and_finite(name: str, channels: int, size: int):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", models.list_models())
+def test_every_model_has_a_task_and_every_task_a_model():
+    assert set(models.list_models()) == set(CLASSIFIERS) | set(DETECTORS) | set(EMBEDDERS)
+    assert DETECTORS and EMBEDDERS
+
+
+@pytest.mark.parametrize("name", DETECTORS)
+@pytest.mark.parametrize("size", [96, 128])
+def test_detectors_predict_every_cell_and_decode_to_boxes(name: str, size: int):
+    torch.manual_seed(0)
+    model = models.create_model(name, input_size=size, num_classes=7).eval()
+    with torch.no_grad():
+        raw = model(torch.randn(2, 1, size, size))
+        boxes, scores = model.decode(raw)
+    s, anchors = size // 16, len(model.anchors)
+    assert raw.shape == (2, s, s, anchors, 5 + 7)  # one forward: every cell at once
+    assert boxes.shape == (2, s * s * anchors, 4) and scores.shape == (2, s * s * anchors, 7)
+    assert torch.isfinite(boxes).all() and ((scores >= 0) & (scores <= 1)).all()
+    assert (boxes[..., 2] > boxes[..., 0]).all() and (boxes[..., 3] > boxes[..., 1]).all()
+
+
+@pytest.mark.parametrize("name", EMBEDDERS)
+def test_embedding_networks_give_unit_vectors(name: str):
+    torch.manual_seed(0)
+    model = models.create_model(name).eval()
+    with torch.no_grad():
+        out = model(torch.randn(5, 1, 28, 28))
+    assert out.shape == (5, 64) and torch.allclose(out.norm(dim=1), torch.ones(5), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
 def test_features_and_head_compose_to_forward(name: str):
     model = models.create_model(name, in_channels=1, input_size=28, num_classes=10).eval()
     x = torch.randn(2, 1, 28, 28)
@@ -85,7 +119,7 @@ def test_googlenet_has_about_6_6_million_parameters():
     assert 6.9e6 < count(models.create_model("googlenet")) < 7.1e6
 
 
-@pytest.mark.parametrize("name", models.list_models())
+@pytest.mark.parametrize("name", CLASSIFIERS)
 def test_summary_works_for_every_model(name: str):
     from convserve.models.summary import format_table, summarize
 

@@ -2,6 +2,7 @@ import pytest
 
 from convserve import models
 from convserve.cli import main
+from convserve.models._registry import task_of
 from convserve.models.summary import summarize
 
 # The seed's LeNet-5 table: input 32x32x3, 8 then 16 filters of 5x5, FC 120 / 84 / 10.
@@ -47,11 +48,19 @@ def test_summary_command_prints_the_seed_table(capsys: pytest.CaptureFixture[str
     assert lines[-1].split() == ["total", "62958"]
 
 
-@pytest.mark.parametrize("name", models.list_models())
+@pytest.mark.parametrize("name", [n for n in models.list_models() if task_of(n) == "classify"])
 def test_summary_covers_every_model(name: str):
     model = models.create_model(name, in_channels=1, input_size=28, num_classes=10)
     rows = summarize(model, in_channels=1, input_size=28)
     assert rows[-1].size == 10  # the classifier's output
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "last"), [("yolo_fashion", 128, 8 * 8 * 3 * 15), ("siamese_fashion", 28, 64)]
+)
+def test_summary_covers_the_detector_and_the_embedding_network(name: str, size: int, last: int):
+    rows = summarize(models.create_model(name), in_channels=1, input_size=size)
+    assert rows and rows[-1].size == last  # the raw grid, the embedding
 
 
 def test_version_and_the_bench_command_reach_their_programs(capsys):

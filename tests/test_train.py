@@ -220,7 +220,7 @@ def test_transfer_from_imagenet_trains_a_new_head_on_a_frozen_backbone(tmp_path)
 
 def test_evaluating_a_subset_without_the_last_class_sizes_the_matrix_by_the_model():
     from convserve.models import create_model
-    from convserve.models.train import evaluate
+    from convserve.models.objectives import evaluate
 
     model = create_model("lenet5", num_classes=10)
     x, y = torch.randn(20, 1, 28, 28), torch.arange(20) % 9  # class 9 never appears

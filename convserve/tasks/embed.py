@@ -23,3 +23,37 @@ def pairwise_squared_distances(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     sq = np.einsum("nd,nd->n", x, x)
     return np.clip(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0, None)
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` (higher: more likely positive) for the boolean
+    `positive`: the probability that a random positive outscores a random negative, ties
+    counting half (the Mann-Whitney statistic, computed from ranks)."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    # Average ranks over ties: each run of equal scores gets the mean of its positions.
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], len(scores)]
+    for start, end in zip(starts, ends, strict=True):
+        ranks[order[start:end]] = (start + end + 1) / 2.0
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def best_threshold(distances: np.ndarray, same: np.ndarray) -> tuple[float, float]:
+    """The threshold tau on squared distances (same identity when d <= tau) with the highest
+    accuracy on these pairs, and that accuracy; tau sits midway between two observed
+    distances."""
+    d, same = np.asarray(distances, dtype=np.float64), np.asarray(same, dtype=bool)
+    order = np.argsort(d, kind="stable")
+    d, same = d[order], same[order]
+    # Accepting the first i pairs (smallest distances) as "same": correct = same among them
+    # plus different among the rest.
+    correct = np.r_[0, np.cumsum(same)] + np.r_[(~same).sum(), (~same).sum() - np.cumsum(~same)]
+    i = int(np.argmax(correct))
+    tau = 0.0 if i == 0 else float(d[i - 1] if i == len(d) else (d[i - 1] + d[i]) / 2)
+    return tau, float(correct[i] / len(d))

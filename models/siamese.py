@@ -1,0 +1,255 @@
+"""A Siamese embedding network for one-shot verification, trained with the triplet loss.
+
+The network maps an image x to f(x), a unit-length 64-d vector; two images are the same
+identity when ||f(x1) - f(x2)||^2 <= tau. Training pulls an anchor towards a positive (same
+class) and pushes it from a negative (another class) until the gap is at least a margin:
+
+    L = max(||f(A) - f(P)||^2 - ||f(A) - f(N)||^2 + alpha, 0)
+
+with triplets mined online in each batch (P classes x K images): for each anchor its hardest
+positive, and a semi-hard negative (the closest negative farther than that positive, FaceNet's
+choice; the hardest negative when none is), so that training sees triplets it can learn from.
+
+The one-shot setting, honestly: Fashion-MNIST classes 0-6 (T-shirt/top ... Shirt) are the
+"people seen in training" (their training images, less a validation set); classes 7-9
+(Sneaker, Bag, Ankle boot) are never seen, and the test split of those is where the model is
+judged, as a face verifier is judged on people it never saw. tau is chosen on the validation
+set of seen classes, never on the unseen ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from convserve.models.data import load_fashion_mnist
+from convserve.models.objectives import OBJECTIVES, Evaluation, Objective, Prepared, to_inputs
+from convserve.spec import (
+    FASHION_MNIST_LABELS,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    EmbedSpec,
+    InputSpec,
+)
+from convserve.tasks.embed import best_threshold, roc_auc
+
+if TYPE_CHECKING:
+    from convserve.models.train import TrainConfig, Trainer
+
+SEEN = (0, 1, 2, 3, 4, 5, 6)  # T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, Shirt
+UNSEEN = (7, 8, 9)  # Sneaker, Bag, Ankle boot: never in training
+VALIDATION = 500  # per seen class, held out of training: where tau is chosen
+MARGIN = 0.2  # alpha, on squared distances between unit vectors (which lie in [0, 4])
+PAIRS = 3000  # pairs per evaluation: half same, half different
+
+
+def triplet_loss(
+    anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float = MARGIN
+) -> torch.Tensor:
+    """Mean of max(||a - p||^2 - ||a - n||^2 + margin, 0) over the triplets (rows)."""
+    d_ap = (anchor - positive).pow(2).sum(1)
+    d_an = (anchor - negative).pow(2).sum(1)
+    return F.relu(d_ap - d_an + margin).mean()
+
+
+def mine_triplets(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Indices (anchor, positive, negative) for every anchor with a positive in the batch: its
+    hardest positive, and its semi-hard negative (the closest negative farther than that
+    positive), or its hardest negative when no negative is farther."""
+    with torch.no_grad():
+        d = torch.cdist(embeddings, embeddings).pow(2)  # N x N squared distances
+        same = labels[:, None] == labels[None, :]
+        eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+        positives = same & ~eye
+        has = positives.any(1)
+        d_pos = torch.where(positives, d, torch.full_like(d, -1.0))
+        hardest_pos = d_pos.argmax(1)  # N
+        far = d_pos.max(1).values[:, None]  # the hardest positive's distance
+        negatives = ~same
+        semi = negatives & (d > far)
+        inf = torch.full_like(d, float("inf"))
+        semi_hard = torch.where(semi, d, inf).argmin(1)
+        hardest_neg = torch.where(negatives, d, inf).argmin(1)
+        negative = torch.where(semi.any(1), semi_hard, hardest_neg)
+        anchors = torch.arange(len(labels), device=labels.device)[has]
+    return anchors, hardest_pos[has], negative[has]
+
+
+def _pairs(labels: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` index pairs of a labelled set, half the same class and half different."""
+    rng = np.random.default_rng(seed)
+    by_class = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
+    classes = list(by_class)
+    pairs, same = [], []
+    for i in range(count):
+        if i % 2 == 0:
+            members = by_class[classes[rng.integers(len(classes))]]
+            a, b = rng.choice(members, 2, replace=False)
+        else:
+            ca, cb = rng.choice(len(classes), 2, replace=False)
+            a, b = rng.choice(by_class[classes[ca]]), rng.choice(by_class[classes[cb]])
+        pairs.append((a, b))
+        same.append(i % 2 == 0)
+    return np.array(pairs), np.array(same)
+
+
+def verification_pairs(labels: np.ndarray, count: int = PAIRS, seed: int = 0):  # noqa: ANN201
+    """The evaluation's pairs of a labelled set (seeded): same and different, half each."""
+    return _pairs(labels, count, seed)
+
+
+def one_shot_accuracy(
+    embeddings: np.ndarray, labels: np.ndarray, trials: int = 1000, seed: int = 0
+) -> float:
+    """N-way one-shot recognition: one reference image per class (N = the classes present), a
+    query of one of them; correct when its nearest reference is its class. Mean over trials."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    by_class = [np.flatnonzero(labels == c) for c in classes]
+    right = 0
+    for _ in range(trials):
+        refs = np.array([rng.choice(members) for members in by_class])
+        truth = rng.integers(len(classes))
+        query = rng.choice(np.setdiff1d(by_class[truth], refs[truth]))
+        d = ((embeddings[refs] - embeddings[query]) ** 2).sum(1)
+        right += int(np.argmin(d) == truth)
+    return right / trials
+
+
+def pair_distances(embeddings: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    diff = embeddings[pairs[:, 0]] - embeddings[pairs[:, 1]]
+    return (diff**2).sum(1)
+
+
+class Verification(Objective):
+    task = "embed"
+    metric = "val_auc"  # chosen on seen classes' validation images, never on unseen ones
+    summary = "best_val_auc"
+
+    def prepare(
+        self, config: TrainConfig, model_kwargs: dict[str, Any], pretrained: InputSpec | None
+    ) -> Prepared:
+        train = load_fashion_mnist("train", config.data_dir)
+        test = load_fashion_mnist("test", config.data_dir)
+        spec = InputSpec(
+            channels=1, height=28, width=28, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD
+        )
+        seen = np.isin(train.labels, SEEN)
+        held = np.zeros(len(train.labels), dtype=bool)
+        for c in SEEN:  # the last VALIDATION images of each seen class: tau is chosen there
+            held[np.flatnonzero(train.labels == c)[-VALIDATION:]] = True
+        fit = np.flatnonzero(seen & ~held)[: config.train_limit]
+        val = np.flatnonzero(held)
+        limit = config.test_limit
+        unseen_test = np.flatnonzero(np.isin(test.labels, UNSEEN))[:limit]
+        seen_test = np.flatnonzero(np.isin(test.labels, SEEN))[:limit]
+        return Prepared(
+            x_train=to_inputs(train.images[fit], spec),
+            y_train=torch.from_numpy(train.labels[fit]),
+            x_test=to_inputs(train.images[val], spec),  # validation: picks epoch and tau
+            y_test=torch.from_numpy(train.labels[val]),
+            input_spec=spec,
+            labels=(),
+            model_kwargs={"dim": model_kwargs.get("dim", 64)},
+            extra={
+                "unseen": (to_inputs(test.images[unseen_test], spec), test.labels[unseen_test]),
+                "seen": (to_inputs(test.images[seen_test], spec), test.labels[seen_test]),
+            },
+        )
+
+    def order(self, data: Prepared, generator: torch.Generator) -> torch.Tensor:
+        """Batches of every seen class in equal parts (P classes x K images, interleaved), so
+        each anchor has positives and negatives in its batch."""
+        labels = data.y_train
+        per_class = [torch.nonzero(labels == c).flatten() for c in torch.unique(labels)]
+        shuffled = [idx[torch.randperm(len(idx), generator=generator)] for idx in per_class]
+        rounds = min(len(s) for s in shuffled)
+        return torch.stack([s[:rounds] for s in shuffled], dim=1).flatten()  # c0 c1 ... c6 c0 ...
+
+    def loss(
+        self, trainer: Trainer, xb: torch.Tensor, yb: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
+        if trainer.config.augment:
+            from convserve.models.augment import augment_batch
+
+            xb = augment_batch(xb, trainer.generator, fill=trainer.black, flip=trainer.config.hflip)
+        embeddings = trainer.trained(trainer.to_device(xb))
+        labels = yb.to(trainer.device)
+        a, p, n = mine_triplets(embeddings, labels)
+        loss = triplet_loss(embeddings[a], embeddings[p], embeddings[n])
+        with torch.no_grad():  # how many triplets already hold their margin
+            d_ap = (embeddings[a] - embeddings[p]).pow(2).sum(1)
+            d_an = (embeddings[a] - embeddings[n]).pow(2).sum(1)
+        return loss, int((d_ap + MARGIN <= d_an).sum())
+
+    def evaluate(self, model: torch.nn.Module, data: Prepared, device: torch.device) -> Evaluation:
+        embed = lambda x: _embed(model, x, device)  # noqa: E731
+        val = embed(data.x_test)
+        val_labels = data.y_test.numpy()
+        pairs, same = verification_pairs(val_labels)
+        d_val = pair_distances(val, pairs)
+        tau, _ = best_threshold(d_val, same)
+        metrics = {"test_loss": _batch_loss(val, val_labels), "val_auc": roc_auc(-d_val, same)}
+        for name in ("unseen", "seen"):
+            x, labels = data.extra[name]
+            emb = embed(x)
+            p, s = verification_pairs(labels, seed=1)
+            d = pair_distances(emb, p)
+            metrics[f"{name}_auc"] = roc_auc(-d, s)
+            metrics[f"{name}_verify_accuracy"] = float(((d <= tau) == s).mean())
+            metrics[f"{name}_one_shot"] = one_shot_accuracy(emb, labels)
+        metrics["threshold"] = tau
+        points, point_labels = [], []  # a sample of the test embeddings, for the picture
+        for name in ("seen", "unseen"):
+            x, labels = data.extra[name]
+            step = max(1, len(labels) // 700)
+            points += embed(x[::step]).tolist()
+            point_labels += labels[::step].tolist()
+        return Evaluation(metrics, {"threshold": tau, "points": points, "labels": point_labels})
+
+    def spec_parts(self, data: Prepared, evaluation: Evaluation) -> dict[str, Any]:
+        dim = int(data.model_kwargs["dim"])
+        return {
+            "task": "embed",
+            "embed": EmbedSpec(dim=dim, threshold=evaluation.artifact["threshold"]),
+        }
+
+    def report(self, artifact: Any, data: Prepared, out: Path, model: str, score: float) -> None:
+        from convserve.models.plots import plot_embeddings
+
+        plot_embeddings(
+            np.asarray(artifact["points"]),
+            np.asarray(artifact["labels"]),
+            FASHION_MNIST_LABELS,
+            UNSEEN,
+            out / "embeddings.png",
+            f"{model}: test embeddings (validation AUC {score:.3f})",
+        )
+
+
+def _embed(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        return np.concatenate(
+            [model(x[i : i + 1000].to(device)).cpu().numpy() for i in range(0, len(x), 1000)]
+        )
+
+
+def _batch_loss(embeddings: np.ndarray, labels: np.ndarray, size: int = 700) -> float:
+    """The mined triplet loss over batches of the validation set (the curve's test loss), in a
+    fixed shuffled order so every batch holds every class."""
+    order = np.random.default_rng(0).permutation(len(labels))
+    e, y = torch.from_numpy(embeddings[order]), torch.from_numpy(labels[order])
+    losses = []
+    for i in range(0, len(e) - size + 1, size):
+        a, p, n = mine_triplets(e[i : i + size], y[i : i + size])
+        eb = e[i : i + size]
+        losses.append(float(triplet_loss(eb[a], eb[p], eb[n])))
+    return float(np.mean(losses)) if losses else 0.0
+
+
+OBJECTIVES["embed"] = Verification
