@@ -1,13 +1,16 @@
-"""Benchmark harness: convserve against the in-process limit and against its peers, side by
-side in one run, with the same model, preprocessing and load.
+"""Benchmark harness: convserve against the in-process limit, the floor and its peers, side by
+side in one run, with the same model, the same images and the same Locust load.
 
     python -m convserve.loadtest.bench                      # the full run behind docs/benchmarks.md
     python -m convserve.loadtest.bench --quick --out build/bench-quick   # < 2 minutes, a smoke test
 
-For each scenario it starts the server itself (pinned to its own cores where the machine has
-several), waits for readiness, runs headless Locust (--csv, --html) for a bounded time,
-samples the server's CPU and memory, stops everything it started, and finally writes
-results.json / results.csv, plots and summary.md with ratios and the goals.
+For each scenario (loadtest/scenarios.py) it starts the server itself, pinned to its own core
+(the load generator gets the other), waits for readiness, runs headless Locust for a bounded
+time, samples the server's CPU and memory, scrapes convserve's /metrics before and after, stops
+everything it started, and writes results.json / results.csv, plots and summary.md with the
+goals. A peer that cannot run here is reported with the reason, not dropped silently.
+
+Only the files it writes are replaced in --out: other commands' output beside them stays.
 """
 
 from __future__ import annotations
@@ -19,45 +22,22 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
 import psutil
 
-from convserve.defaults import DEFAULT_TAG, LENET, SERVICE
+from convserve.defaults import DEFAULT_TAG, LENET
+from convserve.loadtest import peer_envs
+from convserve.loadtest.processes import PY, ROOT, NotReady, Sampler, Server, cores, start, stop
+from convserve.loadtest.scenarios import TASK_MODELS, Scenario, scenarios, servers
 from convserve.loadtest.scrape import batching, scrape
 
-ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
-PEERS = "convserve.loadtest.peers"
-PY = sys.executable
-
-
-@dataclass(frozen=True)
-class Server:
-    name: str
-    command: list[str]  # {port} is filled in
-    health: str
-    env: dict[str, str] = field(default_factory=dict)
-    how: str = ""  # how it is tuned, for the summary
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    server: str
-    user_class: str
-    users: list[int]
-    images_per_request: int = 1
-    model: str = "lenet5"  # which model files the server gets
+SATURATED = 90.0  # percent of the server's cores: below this a run did not saturate it
 
 
 @dataclass
@@ -72,235 +52,39 @@ class Result:
     p50_ms: float
     p95_ms: float
     p99_ms: float
-    cpu_percent: float
+    cpu_percent: float  # mean over the run, percent of one core (the process tree)
     peak_rss_mb: float
     cpu_us_per_request: float = 0.0  # server CPU (its process tree) per completed request
+    saturated: bool = False  # the server's cores were busy (cpu_percent >= SATURATED x cores)
+    shape: str = ""
     batching: dict | None = None  # convserve's own /metrics over the run (scrape.batching)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@dataclass
+class Run:
+    """Everything one benchmark run measured, for the report."""
 
+    results: list[Result]
+    limits: dict[str, dict]  # model -> in-process figures (loadtest/inprocess.py)
+    servers: dict[str, Server]
+    scenarios: list[Scenario]
+    seconds: int
+    server_prefix: list[str]
+    load_prefix: list[str]
+    quick: bool
+    machine: dict
+    probe: dict | None = None  # one user, sequential (loadtest/probe.py)
+    unavailable: dict[str, str] = field(default_factory=dict)  # server -> why it did not run
 
-def _cores() -> tuple[list[str], list[str]]:
-    """taskset prefixes for the server and the load generator (none on a single core)."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2 or not shutil.which("taskset"):
-        return [], []
-    half = len(cpus) // 2
-    server, load = cpus[:half], cpus[half:]
-    return (
-        ["taskset", "-c", ",".join(map(str, server))],
-        ["taskset", "-c", ",".join(map(str, load))],
-    )
-
-
-def _uvicorn(app: str) -> list[str]:
-    """A FastAPI peer as its documentation runs it: one uvicorn worker, no access log."""
-    return [
-        PY,
-        "-m",
-        "uvicorn",
-        app,
-        "--port",
-        "{port}",
-        "--workers",
-        "1",
-        "--log-level",
-        "warning",
-    ]
-
-
-def servers(threads: int) -> dict[str, Server]:
-    conv_env = {"CONVSERVE_INTRA_OP_THREADS": str(threads), "CONVSERVE_WARMUP_REQUESTS": "12"}
-    peer_env = {"PEER_THREADS": str(threads)}
-    bentoml = [PY, "-m", "bentoml", "serve"]
-    return {
-        "convserve": Server(
-            "convserve",
-            [*bentoml, SERVICE, "--port", "{port}"],
-            "/readyz",
-            conv_env,
-            "defaults: adaptive batching by images (max 128, no queue delay, 2 s budget), "
-            "raw ASGI inference routes, warm-up, no access log",
-        ),
-        "convserve-nobatch": Server(
-            "convserve-nobatch",
-            [*bentoml, SERVICE, "--port", "{port}"],
-            "/readyz",
-            {**conv_env, "CONVSERVE_MAX_BATCH_SIZE": "1"},
-            "adaptive batching off (max batch 1)",
-        ),
-        "fastapi-ort": Server(
-            "fastapi-ort",
-            _uvicorn(f"{PEERS}.fastapi_ort:app"),
-            "/health",
-            peer_env,
-            "the hand-written baseline: uvicorn, one async route taking UploadFile, Pillow, one "
-            "ORT session with one thread, no batching",
-        ),  # fmt: skip
-        "fastapi-torch": Server(
-            "fastapi-torch",
-            _uvicorn(f"{PEERS}.fastapi_torch:app"),
-            "/health",
-            peer_env,
-            "uvicorn, 1 worker, sync endpoint (thread pool), torch.inference_mode, threads = "
-            "cores, no access log",
-        ),
-        "bentoml-torch": Server(
-            "bentoml-torch",
-            [*bentoml, f"{PEERS}.bentoml_torch:TorchClassifier", "--port", "{port}"],
-            "/readyz",
-            peer_env,
-            "batchable API (max batch 128, max latency 2 s), 1 worker, threads = cores, "
-            "no access log",
-        ),
-        "litserve-ort": Server(
-            "litserve-ort",
-            [PY, "-m", f"{PEERS}.litserve_ort", "--port", "{port}"],
-            "/health",
-            peer_env,
-            "LitAPI with batching (max batch 64, 5 ms timeout), 1 worker, ORT threads = cores, "
-            "no access log",
-        ),
-    }
-
-
-SINGLE = "lenet5 single image"
-PEER_ORDER = ("convserve", "fastapi-ort", "fastapi-torch", "bentoml-torch", "litserve-ort")
-
-
-def _scenarios(quick: bool) -> list[Scenario]:
-    if quick:
-        return [Scenario("lenet5 single image", "convserve", "SingleImageUser", [1, 8])]
-    users = [1, 8, 32, 64]
-    return [
-        *(Scenario("lenet5 single image", s, "SingleImageUser", users) for s in PEER_ORDER),
-        Scenario("lenet5 single image", "convserve-nobatch", "SingleImageUser", [1, 64]),
-        Scenario("lenet5 32 images per request", "convserve", "MultiImageUser", [8], 32),
-        Scenario("resnet20 at saturation", "convserve", "SingleImageUser", [64], 1, "resnet20"),
-        Scenario(
-            "resnet20 32 images per request", "convserve", "MultiImageUser", [8], 32, "resnet20"
-        ),
-        Scenario(
-            "resnet20 int8 32 images per request",
-            "convserve",
-            "MultiImageUser",
-            [8],
-            32,
-            "resnet20-int8",
-        ),
-    ]
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds (user + system) of a process and all its descendants so far."""
-    root = psutil.Process(pid)
-    total = 0.0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
-
-
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants now."""
-    root = psutil.Process(pid)
-    total = 0
-    for proc in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            total += proc.memory_info().rss
-    return total
-
-
-class Sampler:
-    """CPU (percent of one core, summed over the process tree) and peak RSS of a server."""
-
-    def __init__(self, pid: int) -> None:
-        self.root = psutil.Process(pid)
-        self.cpu: list[float] = []
-        self.peak_rss = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _tree(self) -> list[psutil.Process]:
-        try:
-            return [self.root, *self.root.children(recursive=True)]
-        except psutil.Error:
-            return []
-
-    def _run(self) -> None:
-        procs = {p.pid: p for p in self._tree()}
-        for p in procs.values():
-            p.cpu_percent(None)
-        while not self._stop.wait(0.5):
-            for p in self._tree():
-                if p.pid not in procs:
-                    procs[p.pid] = p
-                    p.cpu_percent(None)
-            total, rss = 0.0, 0
-            for p in list(procs.values()):
-                try:
-                    total += p.cpu_percent(None)
-                    rss += p.memory_info().rss
-                except psutil.Error:
-                    procs.pop(p.pid, None)
-            self.cpu.append(total)
-            self.peak_rss = max(self.peak_rss, rss)
-
-    def __enter__(self) -> Sampler:
-        self.cpu_at_start = tree_cpu_seconds(self.root.pid)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cpu_used = tree_cpu_seconds(self.root.pid) - self.cpu_at_start
-        self._stop.set()
-        self._thread.join()
-
-
-def _start(
-    server: Server, env: dict[str, str], prefix: list[str], log: Path, cwd: str | None = None
-) -> tuple:
-    port = _free_port()
-    cmd = [*prefix, *(c.replace("{port}", str(port)) for c in server.command)]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=cwd or ROOT,
-        env={**os.environ, **env, **server.env},
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{server.name} exited; see {log}")
-        try:
-            if httpx.get(url + server.health, timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    _stop(proc)
-    raise RuntimeError(f"{server.name} not ready in 180 s; see {log}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    def find(self, scenario: str, server: str, users: int) -> Result | None:
+        return next(
+            (
+                r
+                for r in self.results
+                if (r.scenario, r.server, r.users) == (scenario, server, users)
+            ),
+            None,
+        )
 
 
 def _locust(
@@ -339,7 +123,7 @@ def _locust(
         scenario.user_class,
     ]
     subprocess.run(
-        cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, timeout=seconds + 120
+        cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, timeout=seconds + 180
     )
     with open(f"{stem}_stats.csv") as f:
         rows = {r["Name"]: r for r in csv.DictReader(f)}
@@ -351,39 +135,79 @@ def _probe(url: str, prefix: list[str], requests: int) -> dict:
     print(f"one-user latency probe: {requests} sequential requests", flush=True)
     done = subprocess.run(
         [*prefix, PY, "-m", "convserve.loadtest.probe", "--url", url, "--requests", str(requests)],
-        cwd=ROOT, capture_output=True, text=True, check=True, timeout=600,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
     return json.loads(done.stdout)
 
 
-def _prepare_models(args: argparse.Namespace, work: Path, scenarios: list[Scenario]) -> dict:
-    """Model files per scenario model: a BENTOML_HOME store plus the ONNX/spec/checkpoint."""
+@dataclass(frozen=True)
+class ModelFiles:
+    tag: str  # in the run's own model store
+    onnx: str
+    spec: str
+    torchscript: str | None = None  # for the PyTorch peers
+
+
+def _stored(stored, torchscript: str | None = None) -> ModelFiles:  # noqa: ANN001 - StoredModel
+    return ModelFiles(
+        stored.tag, str(stored.path), str(stored.path.parent / "spec.json"), torchscript
+    )
+
+
+def _torchscript(checkpoint: Path, out: Path) -> str:
+    """The checkpoint traced to TorchScript, the file the PyTorch peers load without convserve."""
+    import torch
+
+    from convserve.models.checkpoint import load_checkpoint
+
+    model, spec = load_checkpoint(checkpoint)
+    traced = torch.jit.trace(model, torch.zeros(spec.input.shape(1)))
+    traced.save(str(out))  # type: ignore[union-attr]
+    return str(out)
+
+
+def prepare_models(
+    args: argparse.Namespace, work: Path, wanted: set[str], missing: dict[str, str]
+) -> dict[str, ModelFiles]:
+    """The run's own model store (BENTOML_HOME under `work`) with every model the scenarios use:
+    the served LeNet-5 and the task models (detector, verifier, stylizer) copied from the
+    user's store (a task model not there goes into `missing`, with what makes it); ResNet-20
+    (FP32 and INT8) exported from a checkpoint (untrained unless given: throughput does not
+    depend on the weights' values); EfficientNet-Lite0 with its ImageNet weights."""
+    from convserve.export.onnx_export import ExportConfig, export_onnx
+    from convserve.export.verify import known_pixels
     from convserve.store import load_model, save_model
 
     home = work / "bentoml"
     os.environ["BENTOML_HOME"] = str(home)
-    models: dict[str, dict[str, str]] = {}
-    source = Path(args.bentoml_home) / "models" / LENET
-    shutil.copytree(source, home / "models" / LENET)
+    user_store = Path(args.bentoml_home) / "models"
+    shutil.copytree(user_store / LENET, home / "models" / LENET)
     lenet = load_model(DEFAULT_TAG)
-    models["lenet5"] = {
-        "tag": lenet.tag,
-        "onnx": str(lenet.path),
-        "spec": str(lenet.path.parent / "spec.json"),
-        "checkpoint": str(Path(args.checkpoint).resolve()),
-    }
-    if any(s.model.startswith("resnet20") for s in scenarios):
+    task_models: dict[str, ModelFiles] = {}
+    for key, name in TASK_MODELS.items():
+        if key not in wanted:
+            continue
+        if not (user_store / name).is_dir():
+            missing[key] = f"{name} is not in {user_store}: `make models` prepares it"
+            continue
+        shutil.copytree(user_store / name, home / "models" / name)
+        task_models[key] = _stored(load_model(f"{name}:latest"))
+    checkpoint = Path(args.checkpoint).resolve()
+    models = {"lenet5": _stored(lenet, _torchscript(checkpoint, work / "lenet5.pt"))}
+    if wanted & {"resnet20", "resnet20-int8"}:
         import torch
 
-        from convserve.export.onnx_export import ExportConfig, export_onnx
         from convserve.export.quantize import quantize_int8
-        from convserve.export.verify import known_pixels
         from convserve.models import create_model
         from convserve.preprocess import from_pixels
         from convserve.spec import ModelSpec
 
         ckpt = Path(args.resnet_checkpoint) if args.resnet_checkpoint else None
-        if ckpt is None:  # throughput does not depend on the weights' values
+        if ckpt is None:
             torch.manual_seed(0)
             kwargs = {"in_channels": 1, "input_size": 28, "num_classes": 10}
             spec = lenet.spec.model_copy(
@@ -401,74 +225,154 @@ def _prepare_models(args: argparse.Namespace, work: Path, scenarios: list[Scenar
         inputs = known_pixels(spec)
         calibration = from_pixels(known_pixels(spec, count=256), spec.input)
         int8 = quantize_int8(path, work / "resnet20.int8.onnx", calibration)
-        q = save_model(int8, spec, "bench-resnet20", inputs, precision="int8")
-        f = save_model(path, spec, "bench-resnet20", inputs)
-        for key, stored in (("resnet20", f), ("resnet20-int8", q)):
-            models[key] = {
-                "tag": stored.tag,
-                "onnx": str(stored.path),
-                "spec": str(stored.path.parent / "spec.json"),
-                "checkpoint": str(ckpt),
-            }
-    return models
+        models["resnet20-int8"] = _stored(
+            save_model(int8, spec, "bench-resnet20", inputs, precision="int8")
+        )
+        models["resnet20"] = _stored(save_model(path, spec, "bench-resnet20", inputs))
+    if "efficientnet-lite0" in wanted:
+        from convserve.export.publish import publish
+        from convserve.models.pretrained import write_checkpoint
+
+        lite0 = write_checkpoint("efficientnet_lite0", "imagenet", work / "lite0")
+        published = publish(lite0, name="bench-lite0", parity_images=8, say=lambda _: None)
+        models["efficientnet-lite0"] = _stored(published.stored[-1])
+    return {**models, **task_models}
+
+
+def _limit(files: ModelFiles, threads: int, prefix: list[str], quick: bool, photos: bool) -> dict:
+    cmd = [
+        *prefix,
+        PY,
+        "-m",
+        "convserve.loadtest.inprocess",
+        "--onnx",
+        files.onnx,
+        "--spec",
+        files.spec,
+        "--threads",
+        str(threads),
+        "--seconds",
+        "1" if quick else "3",
+    ]
+    if photos:
+        cmd += ["--photos", "--batch-sizes", "1,8,16"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def _measure(
+    url: str,
+    proc,
+    scenario: Scenario,
+    users: int,
+    seconds: int,
+    raw: Path,  # noqa: ANN001
+    load_prefix: list[str],
+    env: dict[str, str],
+    cpus: int,
+) -> Result:
+    ours = scenario.server.startswith("convserve")
+    before = scrape(url) if ours else None
+    with Sampler(proc.pid) as sampler:
+        row = _locust(url, scenario, users, seconds, load_prefix, raw, env)
+    batches = batching(before, scrape(url)) if before is not None else None
+    rps, count = float(row["Requests/s"]), int(row["Request Count"])
+    busy = sampler.cpu[1:] or sampler.cpu  # the first sample straddles the start
+    mean_cpu = sum(busy) / max(1, len(busy))
+    return Result(
+        scenario=scenario.name,
+        server=scenario.server,
+        users=users,
+        requests=count,
+        failures=int(row["Failure Count"]),
+        requests_per_s=rps,
+        images_per_s=rps * scenario.images_per_request,
+        p50_ms=float(row["50%"]),
+        p95_ms=float(row["95%"]),
+        p99_ms=float(row["99%"]),
+        cpu_percent=mean_cpu,
+        peak_rss_mb=sampler.peak_rss / 1e6,
+        cpu_us_per_request=1e6 * sampler.cpu_used / max(1, count),
+        saturated=mean_cpu >= SATURATED * cpus,
+        shape=scenario.shape,
+        batching=batches,
+    )
 
 
 def run(args: argparse.Namespace) -> Path:
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     raw = out / "raw"
-    shutil.rmtree(out, ignore_errors=True)
-    raw.mkdir(parents=True)
-    scenarios = _scenarios(args.quick)
+    shutil.rmtree(raw, ignore_errors=True)  # this run's raw files only
+    raw.mkdir()
+    chosen = scenarios(args.quick)
     if args.servers:
-        scenarios = [s for s in scenarios if s.server in args.servers.split(",")]
+        chosen = [s for s in chosen if s.server in args.servers.split(",")]
     seconds = args.seconds or (5 if args.quick else 15)
-    server_prefix, load_prefix = _cores()
-    threads = len(os.sched_getaffinity(0)) // 2 if server_prefix else 1
-    table = servers(max(1, threads))
+    server_prefix, load_prefix = cores()
+    cpus = len(os.sched_getaffinity(0)) // 2 if server_prefix else len(os.sched_getaffinity(0))
+    threads = max(1, cpus)
+    unavailable: dict[str, str] = {}
+
+    def peer_python(name: str) -> str:
+        try:
+            return peer_envs.ensure(name)
+        except peer_envs.Unavailable as exc:
+            unavailable[name] = str(exc)
+            return "false"  # a command that exits at once; the scenario is skipped below
+
+    needed = {s.server for s in chosen}
+    table = servers(threads, lambda n: peer_python(n) if n in needed else "false")
     work = Path(tempfile.mkdtemp(prefix="convserve-bench-"))
-    models = _prepare_models(args, work, scenarios)
+    missing: dict[str, str] = {}  # task models not in the user's store
+    models = prepare_models(args, work, {s.model for s in chosen}, missing)
     results: list[Result] = []
     limits: dict[str, dict] = {}
-    runs, k = sum(len(sc.users) for sc in scenarios), 0
+    runs, k = sum(len(sc.users) for sc in chosen), 0
     probe: dict | None = None
     try:
         for model, files in models.items():
             print(f"in-process limit: {model}", flush=True)
-            done = subprocess.run(
-                [
-                    *server_prefix,
-                    PY,
-                    "-m",
-                    "convserve.loadtest.inprocess",
-                    "--onnx",
-                    files["onnx"],
-                    "--spec",
-                    files["spec"],
-                    "--threads",
-                    str(max(1, threads)),
-                    "--seconds",
-                    "1" if args.quick else "3",
-                ],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                check=True,
+            limits[model] = _limit(
+                files, threads, server_prefix, args.quick, photos=model.startswith("efficientnet")
             )
-            limits[model] = json.loads(done.stdout)
-        for scenario in scenarios:
+        for scenario in chosen:
+            if scenario.model in missing:
+                k += len(scenario.users)
+                unavailable[scenario.name] = missing[scenario.model]
+                print(f"skipping {scenario.name}: {missing[scenario.model]}", flush=True)
+                continue
             files = models[scenario.model]
-            env = {
-                "CONVSERVE_MODELS": files["tag"],
-                "PEER_CHECKPOINT": files["checkpoint"],
-                "PEER_ONNX": files["onnx"],
-                "PEER_SPEC": files["spec"],
-            }
-            load_env = {"CONVSERVE_LOCUST_V2_MODEL": files["tag"].split(":")[0]}
             server = table[scenario.server]
+            if scenario.server in unavailable:
+                k += len(scenario.users)
+                print(f"skipping {scenario.server}: {unavailable[scenario.server]}", flush=True)
+                continue
+            env = {
+                "CONVSERVE_MODELS": files.tag,
+                "PEER_ONNX": files.onnx,
+                "PEER_SPEC": files.spec,
+                "PEER_TORCHSCRIPT": files.torchscript or "",
+            }
+            load_env = {
+                "CONVSERVE_LOCUST_V2_MODEL": files.tag.split(":")[0],
+                "CONVSERVE_LOCUST_MODEL": files.tag.split(":")[0],
+                **scenario.locust_env,
+            }
             log = raw / f"{scenario.server}-{scenario.model}.log"
-            proc, url = _start(server, env, server_prefix, log)
             try:
-                if scenario.server == "convserve" and scenario.name == SINGLE and probe is None:
+                proc, url = start(server, log, env=env, prefix=server_prefix, timeout=300)
+            except NotReady as exc:
+                unavailable[scenario.server] = f"did not start: {str(exc).splitlines()[0]}"
+                k += len(scenario.users)
+                print(f"{scenario.server} did not start; see {log}", flush=True)
+                continue
+            try:
+                if (
+                    scenario.server == "convserve"
+                    and scenario.user_class == "SingleImageUser"
+                    and probe is None
+                ):
                     probe = _probe(url, load_prefix, 300 if args.quick else 3000)
                 for users in scenario.users:
                     k += 1
@@ -478,87 +382,70 @@ def run(args: argparse.Namespace) -> Path:
                         f"(about {eta // 60:.0f} min {eta % 60:02.0f} s left)",
                         flush=True,
                     )
-                    ours = server.name.startswith("convserve")
-                    before = scrape(url) if ours else None
-                    with Sampler(proc.pid) as sampler:
-                        row = _locust(url, scenario, users, seconds, load_prefix, raw, load_env)
-                    batches = batching(before, scrape(url)) if before is not None else None
-                    rps = float(row["Requests/s"])
-                    results.append(
-                        Result(
-                            scenario=scenario.name,
-                            server=server.name,
-                            users=users,
-                            requests=int(row["Request Count"]),
-                            failures=int(row["Failure Count"]),
-                            requests_per_s=rps,
-                            images_per_s=rps * scenario.images_per_request,
-                            p50_ms=float(row["50%"]),
-                            p95_ms=float(row["95%"]),
-                            p99_ms=float(row["99%"]),
-                            cpu_percent=max(sampler.cpu, default=0.0),
-                            peak_rss_mb=sampler.peak_rss / 1e6,
-                            cpu_us_per_request=1e6
-                            * sampler.cpu_used
-                            / max(1, int(row["Request Count"])),
-                            batching=batches,
-                        )
+                    r = _measure(
+                        url, proc, scenario, users, seconds, raw, load_prefix, load_env, cpus
                     )
-                    r = results[-1]
+                    results.append(r)
                     print(
                         f"    {r.requests_per_s:.0f} req/s, {r.images_per_s:.0f} images/s, "
                         f"p50 {r.p50_ms:.0f} ms, p99 {r.p99_ms:.0f} ms, "
-                        f"{r.cpu_us_per_request:.0f} µs server CPU/request, "
-                        f"{r.failures} failures",
+                        f"{r.cpu_us_per_request:.0f} µs server CPU/request "
+                        f"({r.cpu_percent:.0f} % CPU{'' if r.saturated else ', not saturated'}),"
+                        f" {r.failures} failures",
                         flush=True,
                     )
             finally:
-                _stop(proc)
+                stop(proc)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _write(out, results, limits, table, scenarios, seconds, server_prefix, load_prefix, args, probe)
+    report = Run(
+        results,
+        limits,
+        table,
+        chosen,
+        seconds,
+        server_prefix,
+        load_prefix,
+        args.quick,
+        machine(),
+        probe,
+        unavailable,
+    )
+    write(out, report)
     return out
 
 
-def _write(
-    out, results, limits, table, scenarios, seconds, server_prefix, load_prefix, args, probe
-):  # noqa: ANN001, PLR0913, E501
+def write(out: Path, run: Run) -> None:
+    """results.json, results.csv, the plots and summary.md (the files this harness owns)."""
+    from convserve.loadtest.report import plot, summary
+
     (out / "results.json").write_text(
         json.dumps(
             {
-                "results": [asdict(r) for r in results],
-                "in_process": limits,
-                "one_user_probe": probe,
-                "machine": _machine(),
-                "seconds_per_run": seconds,
+                "results": [asdict(r) for r in run.results],
+                "in_process": run.limits,
+                "one_user_probe": run.probe,
+                "machine": run.machine,
+                "seconds_per_run": run.seconds,
+                "unavailable": run.unavailable,
             },
             indent=2,
         )
     )
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in results)
-    from convserve.loadtest.report import plot, summary
-
-    plot(results, out)
-    (out / "summary.md").write_text(
-        summary(
-            results,
-            limits,
-            table,
-            scenarios,
-            seconds,
-            server_prefix,
-            load_prefix,
-            args.quick,
-            _machine(),
-            probe,
-        )
-    )
+    if run.results:
+        with open(out / "results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(
+                f, fieldnames=[k for k in asdict(run.results[0]) if k != "batching"]
+            )
+            writer.writeheader()
+            writer.writerows(
+                {k: v for k, v in asdict(r).items() if k != "batching"} for r in run.results
+            )
+    plot(run, out)
+    (out / "summary.md").write_text(summary(run))
 
 
-def _machine() -> dict:
+def machine() -> dict:
     import onnxruntime
 
     cpu = platform.processor()
@@ -591,9 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the PyTorch checkpoint of that model, for the PyTorch peers",
     )
     parser.add_argument("--resnet-checkpoint", help="a trained resnet20 (default: untrained)")
-    parser.add_argument(
-        "--servers", help="only these servers' scenarios, comma-separated (e.g. convserve)"
-    )
+    parser.add_argument("--servers", help="only these servers' scenarios, comma-separated")
     args = parser.parse_args(argv)
     out = run(args)
     print(f"results in {out}/ (summary.md, results.json, results.csv, plots, raw/)")
@@ -601,4 +486,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -7,6 +7,16 @@ User classes (pick by name on the command line; without one, Locust mixes them a
   SingleImageUser   one PNG per request to /classify, back to back (closed loop)
   MultiImageUser    32 PNGs per request to /classify
   ColourJpegUser    one 256 x 256 colour JPEG per request (decode and resize cost)
+  RawImageUser      one PNG as the whole body (Content-Type image/png) to CONVSERVE_LOCUST_PATH
+                    (default /classify?top_k=1; TorchServe's /predictions/<model>)
+  OipImageUser      one PNG per request as a KServe v2 BYTES tensor (binary data) to
+                    /v2/models/CONVSERVE_LOCUST_V2_MODEL/infer (convserve and Triton)
+  DetectUser        one 128 x 128 test scene as PNG per request to /detect
+  VerifyUser        two Fashion-MNIST PNGs (parts a and b) per request to /verify
+  StylizeUser       one 256 x 256 photo as JPEG per request to /stylize?style=K, K random
+  (these three need CONVSERVE_LOCUST_TASK=detect, verify or stylize for their payloads)
+  PhotoUser         real colour photos (scikit-image's, as JPEG), CONVSERVE_LOCUST_PHOTOS per
+                    request (default 1), to /classify?model=CONVSERVE_LOCUST_MODEL
   TensorUser        /classify/tensor with a uint8 .npy batch of 8
   V2BinaryUser      Open Inference Protocol, FP32 tensor as binary data, 8 images
   ConstantRateUser  one PNG per request at CONVSERVE_LOCUST_RATE requests/s per user
@@ -89,6 +99,37 @@ for start in range(0, PAYLOADS, TENSOR_BATCH):
 
 LABELS: list[str] = list(FASHION_MNIST_LABELS)
 V2_MODEL = os.environ.get("CONVSERVE_LOCUST_V2_MODEL", "fashion-lenet5")
+RAW_PATH = os.environ.get("CONVSERVE_LOCUST_PATH", "/classify?top_k=1")
+MODEL = os.environ.get("CONVSERVE_LOCUST_MODEL")
+PHOTOS_PER_REQUEST = int(os.environ.get("CONVSERVE_LOCUST_PHOTOS", "1"))
+
+
+def _oip_png(png: bytes) -> tuple[bytes, int]:
+    """A v2 request carrying one PNG as a BYTES tensor in binary data: (body, header length)."""
+    blob = struct.pack("<I", len(png)) + png
+    header = json.dumps({
+        "inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(blob)}}],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+    }).encode()  # fmt: skip
+    return header + blob, len(header)
+
+
+OIP_PNGS: list[tuple[bytes, int]] = [_oip_png(p) for p in PNGS]
+
+
+def _photo_jpegs() -> list[bytes]:
+    """scikit-image's photos as JPEG files at their own size (what a camera would upload)."""
+    from convserve.models.data import PHOTOS, load_photos
+
+    out = []
+    for name in PHOTOS:
+        (photo,) = load_photos((name,), size=None)
+        out.append(_encode(Image.fromarray(photo), "JPEG", quality=90))
+    return out
+
+
+PHOTO_JPEGS: list[bytes] = _photo_jpegs() if os.environ.get("CONVSERVE_LOCUST_MODEL") else []
 _first_answers: dict[tuple[str, int], list[int]] = {}
 
 
@@ -202,6 +243,160 @@ class TensorUser(_Checked):
         )
 
 
+class RawImageUser(_Checked):
+    """One PNG as the whole body, as `curl --data-binary` (and TorchServe's clients) send it."""
+
+    @task
+    def classify(self) -> None:
+        i = random.randrange(len(PNGS))
+        self._post(RAW_PATH, "raw PNG body", 1, ("raw", i), data=PNGS[i],
+                   headers={"Content-Type": "image/png"})  # fmt: skip
+
+
+class OipImageUser(FastHttpUser):
+    """One PNG per request as a KServe v2 BYTES tensor, as Triton's clients send images."""
+
+    wait_time = constant(0)
+
+    @task
+    def infer(self) -> None:
+        i = random.randrange(len(OIP_PNGS))
+        body, header_length = OIP_PNGS[i]
+        with self.client.post(
+            f"/v2/models/{V2_MODEL}/infer",
+            name="/v2 infer [1 PNG, BYTES]",
+            data=body,  # pyright: ignore[reportArgumentType] - bytes are sent as they are
+            headers={"Inference-Header-Content-Length": str(header_length)},
+            catch_response=True,
+        ) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}")
+                return
+            problem = _check_v2(resp.content, resp.headers, ("oip-png", i), rows=1)
+            if problem:
+                resp.failure(problem)
+
+
+class PhotoUser(_Checked):
+    """Real colour photos, PHOTOS_PER_REQUEST per request, to the model CONVSERVE_LOCUST_MODEL."""
+
+    @task
+    def classify(self) -> None:
+        start = random.randrange(len(PHOTO_JPEGS))
+        picks = [(start + j) % len(PHOTO_JPEGS) for j in range(PHOTOS_PER_REQUEST)]
+        files = [("images", (f"{i}.jpg", PHOTO_JPEGS[i], "image/jpeg")) for i in picks]
+        self._post(f"/classify?top_k=1&model={MODEL}", f"/classify [{len(picks)} photos]",
+                   len(picks), ("photo", start), files=files)  # fmt: skip
+
+
+TASK = os.environ.get("CONVSERVE_LOCUST_TASK")  # detect, verify or stylize: their payloads
+_stylize_side = 256
+
+
+def _scene_pngs() -> list[bytes]:
+    from convserve.models.data import load_scenes
+
+    return [_encode(Image.fromarray(img), "PNG") for img in load_scenes("test", 64).images]
+
+
+def _square_jpegs(side: int) -> list[bytes]:
+    from convserve.models.data import load_photos
+
+    return [_encode(Image.fromarray(p), "JPEG", quality=90) for p in load_photos(size=(side, side))]
+
+
+SCENE_PNGS: list[bytes] = _scene_pngs() if TASK == "detect" else []
+STYLE_JPEGS: list[bytes] = _square_jpegs(_stylize_side) if TASK == "stylize" else []
+
+
+def check_detections(body: object, key: tuple[str, int]) -> str | None:
+    """Why `body` is not one scene's detections (or not the first answer for it), or None."""
+    (result,) = body["results"]  # type: ignore[index]
+    dets = result["detections"]
+    if (result["width"], result["height"]) != (128, 128):
+        return "wrong size"
+    for d in dets:
+        b = d["box"]
+        if LABELS[d["index"]] != d["label"] or not (0 <= d["score"] <= 1 and b["x1"] <= b["x2"]):
+            return "detection malformed"
+    if [d["score"] for d in dets] != sorted((d["score"] for d in dets), reverse=True):
+        return "detections not sorted by score"
+    return _consistent(key, [d["index"] for d in dets])
+
+
+class DetectUser(FastHttpUser):
+    """One 128 x 128 test scene as PNG per request to /detect."""
+
+    wait_time = constant(0)
+
+    @task
+    def detect(self) -> None:
+        i = random.randrange(len(SCENE_PNGS))
+        files = {"images": ("scene.png", SCENE_PNGS[i], "image/png")}
+        with self.client.post(
+            "/detect", name="/detect [1 scene]", files=files, catch_response=True
+        ) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}")
+                return
+            try:
+                problem = check_detections(resp.json(), ("scene", i))
+            except (ValueError, KeyError, TypeError, IndexError):
+                problem = "malformed body"
+            if problem:
+                resp.failure(problem)
+
+
+class VerifyUser(FastHttpUser):
+    """Two Fashion-MNIST PNGs (parts a and b) per request to /verify."""
+
+    wait_time = constant(0)
+
+    @task
+    def verify(self) -> None:
+        i, j = random.randrange(len(PNGS)), random.randrange(len(PNGS))
+        files = {"a": ("a.png", PNGS[i], "image/png"), "b": ("b.png", PNGS[j], "image/png")}
+        with self.client.post(
+            "/verify", name="/verify [2 images]", files=files, catch_response=True
+        ) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}")
+                return
+            try:
+                body = resp.json()
+                d, tau, same = body["distance"], body["threshold"], body["same"]
+                ok = 0 <= d <= 4.0001 and same == (d <= tau) and (i != j or d < 1e-4)
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                resp.failure("verification malformed")
+
+
+class StylizeUser(FastHttpUser):
+    """One 256 x 256 photo as JPEG per request to /stylize?style=K (K from 0 to 25)."""
+
+    wait_time = constant(0)
+
+    @task
+    def stylize(self) -> None:
+        i, style = random.randrange(len(STYLE_JPEGS)), random.randrange(26)
+        files = {"images": ("photo.jpg", STYLE_JPEGS[i], "image/jpeg")}
+        with self.client.post(
+            f"/stylize?style={style}", name="/stylize [256 px JPEG]", files=files,
+            catch_response=True,
+        ) as resp:  # fmt: skip
+            png = resp.content or b""
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}")
+            elif png[:8] != b"\x89PNG\r\n\x1a\n" or struct.unpack(">II", png[16:24]) != (
+                _stylize_side,
+                _stylize_side,
+            ):
+                resp.failure("not a PNG of the upload's size")
+            elif _consistent((f"style{style}", i), [hash(png)]):
+                resp.failure("a different image than before for the same request")
+
+
 class V2BinaryUser(FastHttpUser):
     wait_time = constant(0)
 
@@ -219,12 +414,13 @@ class V2BinaryUser(FastHttpUser):
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}")
                 return
-            problem = _check_v2(resp.content, resp.headers, i)
+            problem = _check_v2(resp.content, resp.headers, ("v2", i))
             if problem:
                 resp.failure(problem)
 
 
-def _check_v2(content: bytes, headers, i: int) -> str | None:  # noqa: ANN001
+def _check_v2(content: bytes, headers, key: tuple[str, int], rows: int = TENSOR_BATCH):  # noqa: ANN001, ANN201
+    """Why a v2 binary answer is not `rows` rows of probabilities over the labels (None: it is)."""
     try:
         n = int(headers.get("Inference-Header-Content-Length"))
         (out,) = json.loads(content[:n])["outputs"]
@@ -232,9 +428,9 @@ def _check_v2(content: bytes, headers, i: int) -> str | None:  # noqa: ANN001
         probs = np.frombuffer(content[n : n + size], dtype="<f4").reshape(out["shape"])
     except (TypeError, ValueError, KeyError, struct.error):
         return "malformed v2 body"
-    if probs.shape != (TENSOR_BATCH, len(LABELS)) or not np.allclose(probs.sum(1), 1, atol=1e-4):
+    if probs.shape != (rows, len(LABELS)) or not np.allclose(probs.sum(1), 1, atol=1e-4):
         return "v2 probabilities malformed"
-    return _consistent(("v2", i), probs.argmax(1).tolist())
+    return _consistent(key, probs.argmax(1).tolist())
 
 
 class ConstantRateUser(SingleImageUser):

@@ -26,16 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from convserve.defaults import DEFAULT_TAG, SERVICE
-from convserve.loadtest.bench import (
-    LOCUSTFILE,
-    PY,
-    ROOT,
-    Server,
-    _cores,
-    _start,
-    _stop,
-    tree_cpu_seconds,
-)
+from convserve.loadtest.bench import LOCUSTFILE
+from convserve.loadtest.processes import PY, ROOT, Server, cores, start, stop, tree_cpu_seconds
 
 # (layer, path fragments): a sample belongs to the first layer, from the innermost frame out,
 # one of whose fragments is in the frame's file name.
@@ -45,7 +37,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("multipart / body parsing", ("multipart", "formparsers", "/wire.py")),
     ("HTTP protocol (uvicorn)", ("h11", "httptools", "uvicorn/protocols", "uvloop")),
     ("tracing (OpenTelemetry)", ("opentelemetry",)),
-    ("request metrics (BentoML)", ("server/http/instruments", "prometheus_client")),
+    ("request metrics (prometheus_client)", ("server/http/instruments", "prometheus_client")),
     ("BentoML traffic middlewares", ("server/http/traffic",)),
     ("batching", ("dispatcher.py", "batching.py")),
     ("JSON / pydantic", ("/json/", "pydantic", "fastapi/encoders", "orjson")),
@@ -53,6 +45,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("BentoML plumbing", ("_bentoml_impl", "_bentoml_sdk", "bentoml/")),
     ("thread hops (anyio, executors)", ("anyio/", "concurrent/futures", "threading.py")),
     ("event loop (asyncio)", ("asyncio/",)),
+    ("convserve: admission, clock", ("/service/admission.py", "/service/clock.py")),
+    ("convserve: request ids, metrics layer", ("/service/requests_log.py", "/service/metrics.py")),
+    (
+        "convserve: routes, task handlers",
+        ("/service/hotpath.py", "/service/tasks/", "/service/rest.py", "/service/inference.py"),
+    ),
     ("convserve (other)", ("convserve", "/service/", "/loadtest/")),
 ]
 OTHER = "other Python (interpreter, GC, numpy, ...)"
@@ -123,13 +121,14 @@ def _wrk(url: str, prefix: list[str], seconds: int = 5, connections: int = 32) -
 
 
 def profile(args: argparse.Namespace) -> Profile:
-    server_prefix, load_prefix = _cores()
+    server_prefix, load_prefix = cores()
     env = {"CONVSERVE_MODELS": args.models, "CONVSERVE_INTRA_OP_THREADS": "1"}
     server = Server("convserve", [PY, "-m", "bentoml", "serve", args.service, "--port", "{port}"],
                     "/readyz", env)  # fmt: skip
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    proc, url = _start(server, {}, server_prefix, out / f"server-{args.label}.log", cwd=args.cwd)
+    log = out / f"server-{args.label}.log"
+    proc, url = start(server, log, prefix=server_prefix, cwd=args.cwd)
     try:
         print(f"warming up ({args.users} users, 5 s)", flush=True)
         _locust(url, args.users, 5, load_prefix, args.user_class)
@@ -157,7 +156,7 @@ def profile(args: argparse.Namespace) -> Profile:
                 ),
             }
     finally:
-        _stop(proc)
+        stop(proc)
     counts = fold(raw.read_text())
     total = sum(counts.values()) or 1
     per_request = 1e6 * cpu / max(requests, 1)

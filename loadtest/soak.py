@@ -32,7 +32,8 @@ import httpx
 import numpy as np
 
 from convserve.defaults import DEFAULT_TAG, SERVICE
-from convserve.loadtest.bench import LOCUSTFILE, PY, ROOT, Server, _cores, _start, _stop, tree_rss
+from convserve.loadtest.bench import LOCUSTFILE
+from convserve.loadtest.processes import PY, ROOT, Server, cores, start, stop, tree_rss
 
 SLOPE_GOAL_MB_PER_MIN = 1.0
 
@@ -81,7 +82,7 @@ def slope_mb_per_min(samples: list[tuple[float, int]], warmup_s: float) -> float
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    server_prefix, load_prefix = _cores()
+    server_prefix, load_prefix = cores()
     env = {"CONVSERVE_LOCUST_V2_MODEL": args.model.split(":")[0]}
     proc = None
     if args.url:
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
             "/readyz",
             {"CONVSERVE_MODELS": args.model, "CONVSERVE_DRAIN_S": "0"},
         )
-        proc, url = _start(server, {}, server_prefix, out / "server.log", cwd=str(out))
+        proc, url = start(server, out / "server.log", prefix=server_prefix, cwd=out)
         pid = proc.pid
     try:
         print(f"soak: capacity of the mix, closed loop, {args.users} users, {args.capacity_s:g} s",
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace) -> dict:
         after = _statuses(url)
     finally:
         if proc is not None:
-            _stop(proc)
+            stop(proc)
     stats = _stats(out / "soak")
     warmup = min(args.warmup_s, seconds / 4)
     summary = {

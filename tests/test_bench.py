@@ -18,6 +18,8 @@ def test_quick_benchmark_runs_clean_and_writes_its_files(
     default_stored, default_run, bentoml_home, tmp_path
 ):
     out = tmp_path / "bench"
+    (out / "profile").mkdir(parents=True)  # another command's output, which must survive
+    (out / "profile" / "where-the-time-goes.md").write_text("kept")
     cmd = [
         sys.executable,
         "-m",
@@ -54,6 +56,7 @@ def test_quick_benchmark_runs_clean_and_writes_its_files(
     assert list((out / "raw").glob("*_stats.csv")) and list((out / "raw").glob("*.html"))
     summary = (out / "summary.md").read_text()
     assert "## Goals" in summary and "## In-process limit" in summary
+    assert (out / "profile" / "where-the-time-goes.md").read_text() == "kept"
     assert "## Batching (from convserve's own /metrics)" in summary
 
 
@@ -63,9 +66,25 @@ def test_short_soak_serves_the_mix_without_5xx_and_reports_memory(
     """`make soak` in 30 seconds: the mix (with its bad inputs) at 80 % of capacity. The RSS
     slope goal needs the long run's warm-up; here only that it is measured and reported."""
     out = tmp_path / "soak"
-    cmd = [sys.executable, "-m", "convserve.loadtest.soak", "--minutes", "0.5",
-           "--capacity-s", "8", "--warmup-s", "5", "--sample-s", "1", "--report-s", "10",
-           "--model", "quick-lenet5:latest", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "convserve.loadtest.soak",
+        "--minutes",
+        "0.5",
+        "--capacity-s",
+        "8",
+        "--warmup-s",
+        "5",
+        "--sample-s",
+        "1",
+        "--report-s",
+        "10",
+        "--model",
+        "quick-lenet5:latest",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     summary = json.loads((out / "summary.json").read_text())
@@ -77,3 +96,72 @@ def test_short_soak_serves_the_mix_without_5xx_and_reports_memory(
     assert summary["rss_slope_mb_per_min"] == summary["rss_slope_mb_per_min"]  # not NaN
     assert "soak: " in done.stdout and (out / "rss.png").stat().st_size > 0
     assert (out / "soak.md").read_text().startswith("Soak of 0.5 min")
+
+
+def test_the_goals_are_computed_from_the_runs_figures():
+    """The report's verdicts on a made-up run: each ratio from the right rows, met or missed."""
+    from convserve.loadtest.bench import Result, Run
+    from convserve.loadtest.report import goals
+    from convserve.loadtest.scenarios import RESNET_MULTI, SINGLE, SINGLE_RAW
+
+    def result(
+        scenario,
+        server,
+        users,
+        rps,
+        cpu_us,
+        p50=10.0,
+        p99=20.0,
+        shape="multipart",  # noqa: ANN001, ANN202
+        images=1,
+    ):
+        return Result(
+            scenario,
+            server,
+            users,
+            1000,
+            0,
+            rps,
+            rps * images,
+            p50,
+            p50,
+            p99,
+            95.0,
+            100.0,
+            cpu_us,
+            True,
+            shape,
+        )
+
+    results = [
+        result(SINGLE, "convserve", 64, 4000, 200, p99=25),
+        result(SINGLE, "fastapi-lean", 64, 2000, 500),  # 2.5x the work per CPU-second: met
+        result(SINGLE, "floor", 64, 3500, 160),  # 200 / 160 = 1.25: met (<= 1.3)
+        result(SINGLE, "convserve", 32, 3800, 210),
+        result(SINGLE, "fastapi-lean", 32, 1900, 300),  # 300 / 210 = 1.43: missed (>= 1.5)
+        result(SINGLE_RAW, "convserve", 64, 3000, 220, shape="raw image body"),
+        result(SINGLE_RAW, "torchserve", 64, 3100, 400, shape="raw image body"),  # ahead: no
+        result(RESNET_MULTI, "convserve", 8, 30, 0, images=32),
+    ]
+    run = Run(
+        results,
+        {"resnet20": {"batches": [{"images_per_s": 3200.0}]}},
+        {},
+        [],
+        15,
+        [],
+        [],
+        False,
+        {},
+    )
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in goals(run)[2:]}
+    assert rows["requests per server-CPU-second vs fastapi-lean, 64 users"].endswith("| met |")
+    assert "2.50×" in rows["requests per server-CPU-second vs fastapi-lean, 64 users"]
+    assert "**missed**" in rows["requests per server-CPU-second vs fastapi-lean, 32 users"]
+    assert "1.25×" in rows["server CPU per request vs the floor, 64 users"]
+    assert rows["server CPU per request vs the floor, 64 users"].endswith("| met |")
+    ahead = rows["ahead of every peer, 64 users (req/s, same request shape)"]
+    assert "closest: torchserve" in ahead and "**missed**" in ahead
+    assert rows["p99 at 64 users"].endswith("| met |")  # 25 <= 3 x 10
+    resnet = rows["ResNet-20, 32 images per request: served ÷ in-process"]
+    assert "960 ÷ 3,200" in resnet and "**missed**" in resnet  # 30 req/s x 32 = 960

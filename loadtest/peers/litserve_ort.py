@@ -1,32 +1,41 @@
-"""Peer 3: LitServe with ONNX Runtime, as LitServe's documentation shows: a LitAPI with
-setup / decode_request / batch / predict / encode_response, dynamic batching on.
+"""LitServe with ONNX Runtime, as LitServe's documentation shows: a LitAPI with setup /
+decode_request / batch / predict / unbatch / encode_response, dynamic batching on.
 
-    PEER_ONNX=model.onnx PEER_SPEC=spec.json \
-        python -m convserve.loadtest.peers.litserve_ort --port 3003
+    PEER_ONNX=model.onnx PEER_SPEC=spec.json python -m convserve.loadtest.peers.litserve_ort
 """
 
-from __future__ import annotations
-
 import argparse
+import io
+import json
 import os
+from pathlib import Path
 
 import litserve as ls
 import numpy as np
+import onnxruntime as ort
+from PIL import Image
 
-from convserve.loadtest.peers.common import answer, spec_from_env, to_batch
-from convserve.runtime import SessionConfig, make_session
+spec = json.loads(Path(os.environ["PEER_SPEC"]).read_text())
+SIZE = (spec["input"]["width"], spec["input"]["height"])
+MODE = "L" if spec["input"]["channels"] == 1 else "RGB"
+MEAN = np.array(spec["input"]["mean"], np.float32).reshape(-1, 1, 1)
+STD = np.array(spec["input"]["std"], np.float32).reshape(-1, 1, 1)
+LABELS = spec["labels"]
 
 
 class OrtClassifier(ls.LitAPI):
     def setup(self, device: str) -> None:
-        threads = SessionConfig(intra_op_threads=int(os.environ.get("PEER_THREADS", "1")))
-        self.session = make_session(os.environ["PEER_ONNX"], threads)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(os.environ.get("PEER_THREADS", "1"))
+        self.session = ort.InferenceSession(
+            os.environ["PEER_ONNX"], options, providers=["CPUExecutionProvider"]
+        )
         self.input_name = self.session.get_inputs()[0].name
-        # Not `self.spec`: LitAPI keeps its API spec (OpenAI, ...) there.
-        self.model_spec = spec_from_env()
 
     def decode_request(self, request) -> np.ndarray:  # noqa: ANN001 - the form LitServe passes
-        return to_batch([request["images"].file.read()], self.model_spec)[0]
+        img = Image.open(io.BytesIO(request["images"].file.read())).convert(MODE).resize(SIZE)
+        x = np.asarray(img, np.float32) / 255.0
+        return ((x[None] if x.ndim == 2 else x.transpose(2, 0, 1)) - MEAN) / STD
 
     def batch(self, inputs: list[np.ndarray]) -> np.ndarray:
         return np.stack(inputs)
@@ -39,8 +48,17 @@ class OrtClassifier(ls.LitAPI):
     def unbatch(self, output: np.ndarray) -> list[np.ndarray]:
         return list(output)
 
-    def encode_response(self, probabilities: np.ndarray) -> dict:
-        return answer(probabilities[None], self.model_spec, [None])
+    def encode_response(self, p: np.ndarray) -> dict:
+        return {
+            "results": [
+                {
+                    "predictions": [
+                        {"label": LABELS[i], "index": int(i), "probability": float(p[i])}
+                        for i in np.argsort(-p)[:5]
+                    ]
+                }
+            ]
+        }
 
 
 def main() -> None:

@@ -1,0 +1,77 @@
+"""Triton Inference Server, the server the nvidia-pytriton wheel ships, with ONNX Runtime in a
+Python model and Triton's dynamic batcher on, as PyTriton's documentation shows: a batched
+infer function, `max_batch_size` and a `DynamicBatcher` with a short queue delay.
+
+Clients speak KServe v2, Triton's protocol: one PNG per request as a BYTES tensor (binary
+tensor data), decoded and classified in the Python model. The harness runs it with Debian's
+Python in a virtual environment of its own (the stub Triton starts links that Python's
+libpython).
+
+    PEER_ONNX=model.onnx PEER_SPEC=spec.json python loadtest/peers/triton_ort.py --port 3005
+"""
+
+import argparse
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+from pytriton.decorators import batch
+from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+from pytriton.triton import Triton, TritonConfig
+
+spec = json.loads(Path(os.environ["PEER_SPEC"]).read_text())
+SIZE = (spec["input"]["width"], spec["input"]["height"])
+MODE = "L" if spec["input"]["channels"] == 1 else "RGB"
+MEAN = np.array(spec["input"]["mean"], np.float32).reshape(-1, 1, 1)
+STD = np.array(spec["input"]["std"], np.float32).reshape(-1, 1, 1)
+
+options = ort.SessionOptions()
+options.intra_op_num_threads = int(os.environ.get("PEER_THREADS", "1"))
+session = ort.InferenceSession(os.environ["PEER_ONNX"], options, providers=["CPUExecutionProvider"])
+INPUT = session.get_inputs()[0].name
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    img = Image.open(io.BytesIO(data)).convert(MODE).resize(SIZE)
+    x = np.asarray(img, np.float32) / 255.0
+    return ((x[None] if x.ndim == 2 else x.transpose(2, 0, 1)) - MEAN) / STD
+
+
+@batch
+def infer(image: np.ndarray) -> dict:  # image: N x 1 encoded images (bytes)
+    x = np.stack([_pixels(row[0]) for row in image])
+    logits = session.run(None, {INPUT: x})[0]
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return {"probabilities": (e / e.sum(1, keepdims=True)).astype(np.float32)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=3005)
+    args = parser.parse_args()
+    config = TritonConfig(
+        http_address="127.0.0.1",
+        http_port=args.port,
+        grpc_port=args.port + 1,
+        metrics_port=args.port + 2,
+        log_verbose=0,
+    )
+    with Triton(config=config) as triton:
+        triton.bind(
+            model_name="lenet5",
+            infer_func=infer,
+            inputs=[Tensor(name="image", dtype=bytes, shape=(1,))],
+            outputs=[Tensor(name="probabilities", dtype=np.float32, shape=(-1,))],
+            config=ModelConfig(
+                max_batch_size=128, batcher=DynamicBatcher(max_queue_delay_microseconds=100)
+            ),
+        )
+        triton.serve()
+
+
+if __name__ == "__main__":
+    main()
