@@ -260,11 +260,10 @@ def image_to_input(img: Image.Image, spec: InputSpec) -> np.ndarray:
 def normalize(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
     """Pixels 0..255 with channels on axis -3 (C x H x W or N x C x H x W) -> float32, divided
     by the recipe's scale, then normalized per channel with its mean and std."""
+    scale, m, s = spec.normalization
     x = np.asarray(pixels, dtype=np.float32)
     if spec.scale != 1.0:
-        x = x / np.float32(spec.scale)
-    m = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
-    s = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
+        x = x / scale
     return (x - m) / s
 
 

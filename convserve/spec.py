@@ -15,6 +15,7 @@ instances of the same few fields.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Literal
 
@@ -116,6 +117,17 @@ class InputSpec(BaseModel):
         elif self.resize_to is not None:
             raise ValueError("resize_to belongs to the crop resize")
         return self
+
+    @functools.cached_property
+    def normalization(self) -> tuple[Any, Any, Any]:
+        """(scale, mean, std) as float32 numpy arrays shaped C x 1 x 1, made once: the one
+        normalization (`convserve.preprocess.normalize`) runs on every request."""
+        import numpy as np
+
+        def column(values: tuple[float, ...]) -> Any:
+            return np.asarray(values, dtype=np.float32).reshape(-1, 1, 1)
+
+        return np.float32(self.scale), column(self.mean), column(self.std)
 
     def shape(self, batch: int) -> tuple[int, int, int, int]:
         """The model input's shape for `batch` images, in the model's layout."""

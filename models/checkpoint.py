@@ -82,6 +82,7 @@ def frozen_norms(model: nn.Module) -> list[nn.Module]:
     (a few hundred new images would otherwise pull them off)."""
     norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
     return [
-        m for m in model.modules()
+        m
+        for m in model.modules()
         if isinstance(m, norms) and not any(p.requires_grad for p in m.parameters())
-    ]  # fmt: skip
+    ]

@@ -152,7 +152,7 @@ class Detection(Objective):
         shapes = np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], axis=1)
         anchors = kmeans_anchors(shapes, k=3, seed=config.seed)
         probe = create_model(config.model, input_size=size, anchors=anchors.tolist())
-        grid, stride = probe.grid, probe.stride  # type: ignore[attr-defined]
+        grid, stride = int(getattr(probe, "grid")), int(getattr(probe, "stride"))  # noqa: B009
         return Prepared(
             x_train=to_inputs(train.images[..., None], spec),
             y_train=encode_targets(train.boxes, train.classes, anchors, grid, stride),

@@ -46,6 +46,7 @@ class Objective:
     task: ClassVar[str]
     metric: ClassVar[str]  # the history key whose highest value picks the best epoch
     summary: ClassVar[str]  # the final metrics' name for it ("best_test_accuracy")
+    counts_right: ClassVar[bool] = False  # whether `loss` counts right answers (accuracy)
 
     def prepare(
         self, config: TrainConfig, model_kwargs: dict[str, Any], pretrained: InputSpec | None
@@ -93,6 +94,7 @@ class Classification(Objective):
     task = "classify"
     metric = "test_accuracy"
     summary = "best_test_accuracy"
+    counts_right = True
 
     def prepare(
         self, config: TrainConfig, model_kwargs: dict[str, Any], pretrained: InputSpec | None

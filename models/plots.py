@@ -140,7 +140,7 @@ def plot_embeddings(
             s=10,
             marker=marker,
             color=cmap(c),
-            label=names[c] + tag,
+            label=f"{names[int(c)]}{tag}",
             alpha=0.7,
         )
     ax.set(xlabel="first principal component", ylabel="second principal component", title=title)

@@ -23,9 +23,15 @@ from convserve.spec import IMAGENET, InputSpec, ModelSpec
 # EfficientNet-Lite's own preprocessing (TensorFlow's: (x - 127) / 128, here on [0, 1] pixels),
 # with torchvision's evaluation resize: shorter side to 256, centre crop 224.
 IMAGENET_LITE_INPUT = InputSpec(
-    channels=3, height=224, width=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-    resize="crop", resize_to=256, interpolation="bilinear",
-)  # fmt: skip
+    channels=3,
+    height=224,
+    width=224,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+    resize="crop",
+    resize_to=256,
+    interpolation="bilinear",
+)
 
 
 def imagenet_labels() -> tuple[str, ...]:
@@ -43,10 +49,21 @@ def _lite0_weights() -> dict[str, torch.Tensor]:
     source = torch.load(
         str(path / "efficientnet-lite0-57934424.pth"), map_location="cpu", weights_only=True
     )
-    top = {"_conv_stem": "stem.1", "_bn0": "stem.2", "_conv_head": "head.1", "_bn1": "head.2",
-           "_fc": "fc"}  # fmt: skip
-    inner = {"_expand_conv": "expand.1", "_bn0": "expand.2", "_depthwise_conv": "depthwise.1",
-             "_bn1": "depthwise.2", "_project_conv": "project.1", "_bn2": "project.2"}  # fmt: skip
+    top = {
+        "_conv_stem": "stem.1",
+        "_bn0": "stem.2",
+        "_conv_head": "head.1",
+        "_bn1": "head.2",
+        "_fc": "fc",
+    }
+    inner = {
+        "_expand_conv": "expand.1",
+        "_bn0": "expand.2",
+        "_depthwise_conv": "depthwise.1",
+        "_bn1": "depthwise.2",
+        "_project_conv": "project.1",
+        "_bn2": "project.2",
+    }
     out = {}
     for key, value in source.items():
         parts = key.split(".")
@@ -71,8 +88,11 @@ class Pretrained:
         return imagenet_labels()
 
     def kwargs(self) -> dict:
-        return {"in_channels": self.input.channels, "input_size": self.input.height,
-                "num_classes": len(self.labels())}  # fmt: skip
+        return {
+            "in_channels": self.input.channels,
+            "input_size": self.input.height,
+            "num_classes": len(self.labels()),
+        }
 
 
 _WEIGHTS = {("efficientnet_lite0", "imagenet"): _lite0_weights}
@@ -97,8 +117,13 @@ def pretrained_model(model: str, source: str) -> tuple[torch.nn.Module, ModelSpe
     builders = {"efficientnet_lite0": efficientnet_lite0}
     net = builders[model](**found.kwargs())
     net.load_state_dict(found.weights(), strict=True)
-    spec = ModelSpec(architecture=model, dataset=found.dataset, kwargs=found.kwargs(),
-                     input=found.input, labels=found.labels())  # fmt: skip
+    spec = ModelSpec(
+        architecture=model,
+        dataset=found.dataset,
+        kwargs=found.kwargs(),
+        input=found.input,
+        labels=found.labels(),
+    )
     return net.eval(), spec
 
 

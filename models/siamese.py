@@ -35,7 +35,13 @@ from convserve.spec import (
     EmbedSpec,
     InputSpec,
 )
-from convserve.tasks.embed import best_threshold, roc_auc
+from convserve.tasks.embed import (
+    best_threshold,
+    one_shot_accuracy,
+    pair_distances,
+    roc_auc,
+    verification_pairs,
+)
 
 if TYPE_CHECKING:
     from convserve.models.train import TrainConfig, Trainer
@@ -44,7 +50,6 @@ SEEN = (0, 1, 2, 3, 4, 5, 6)  # T-shirt/top, Trouser, Pullover, Dress, Coat, San
 UNSEEN = (7, 8, 9)  # Sneaker, Bag, Ankle boot: never in training
 VALIDATION = 500  # per seen class, held out of training: where tau is chosen
 MARGIN = 0.2  # alpha, on squared distances between unit vectors (which lie in [0, 4])
-PAIRS = 3000  # pairs per evaluation: half same, half different
 
 
 def triplet_loss(
@@ -77,52 +82,6 @@ def mine_triplets(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch
         negative = torch.where(semi.any(1), semi_hard, hardest_neg)
         anchors = torch.arange(len(labels), device=labels.device)[has]
     return anchors, hardest_pos[has], negative[has]
-
-
-def _pairs(labels: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """`count` index pairs of a labelled set, half the same class and half different."""
-    rng = np.random.default_rng(seed)
-    by_class = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
-    classes = list(by_class)
-    pairs, same = [], []
-    for i in range(count):
-        if i % 2 == 0:
-            members = by_class[classes[rng.integers(len(classes))]]
-            a, b = rng.choice(members, 2, replace=False)
-        else:
-            ca, cb = rng.choice(len(classes), 2, replace=False)
-            a, b = rng.choice(by_class[classes[ca]]), rng.choice(by_class[classes[cb]])
-        pairs.append((a, b))
-        same.append(i % 2 == 0)
-    return np.array(pairs), np.array(same)
-
-
-def verification_pairs(labels: np.ndarray, count: int = PAIRS, seed: int = 0):  # noqa: ANN201
-    """The evaluation's pairs of a labelled set (seeded): same and different, half each."""
-    return _pairs(labels, count, seed)
-
-
-def one_shot_accuracy(
-    embeddings: np.ndarray, labels: np.ndarray, trials: int = 1000, seed: int = 0
-) -> float:
-    """N-way one-shot recognition: one reference image per class (N = the classes present), a
-    query of one of them; correct when its nearest reference is its class. Mean over trials."""
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    by_class = [np.flatnonzero(labels == c) for c in classes]
-    right = 0
-    for _ in range(trials):
-        refs = np.array([rng.choice(members) for members in by_class])
-        truth = rng.integers(len(classes))
-        query = rng.choice(np.setdiff1d(by_class[truth], refs[truth]))
-        d = ((embeddings[refs] - embeddings[query]) ** 2).sum(1)
-        right += int(np.argmin(d) == truth)
-    return right / trials
-
-
-def pair_distances(embeddings: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    diff = embeddings[pairs[:, 0]] - embeddings[pairs[:, 1]]
-    return (diff**2).sum(1)
 
 
 class Verification(Objective):

@@ -79,7 +79,8 @@ class Features(torch.nn.Module):
         from convserve.models.pretrained import pretrained_model
 
         net, spec = pretrained_model("efficientnet_lite0", "imagenet")
-        self.stem, self.blocks = net.stem, net.blocks
+        self.stem: torch.nn.Module = net.stem  # type: ignore[assignment]
+        self.blocks: torch.nn.ModuleList = net.blocks  # type: ignore[assignment]
         self.mean = torch.tensor(spec.input.mean).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.input.std).view(1, 3, 1, 1)
         for p in self.parameters():

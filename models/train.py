@@ -220,7 +220,10 @@ class Trainer:
             seen += len(idx)
             correct += right
             if step % 20 == 0:
-                bar.set_postfix(loss=f"{running_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+                shown = {"loss": f"{running_loss / seen:.4f}"}
+                if self.objective.counts_right:
+                    shown["acc"] = f"{correct / seen:.3f}"
+                bar.set_postfix(shown)
         return running_loss / seen, correct / seen
 
     def state(self) -> dict[str, Any]:
@@ -327,12 +330,13 @@ def end_of_epoch(
     save_state(out / LAST_NAME, {**trainer.state(), **run.saved(), **extra})
     _write_history(run.history, out)
     shown = "  ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items())
+    accuracy = f" acc {100 * train_accuracy:.2f}%" if objective.counts_right else ""
     log.info(
-        "epoch %d/%d  train loss %.4f acc %.2f%%  %s%s  (%.0f s)",
+        "epoch %d/%d  train loss %.4f%s  %s%s  (%.0f s)",
         epoch,
         config.epochs,
         train_loss,
-        100 * train_accuracy,
+        accuracy,
         shown,
         "  *best*" if improved else "",
         row["elapsed_s"],

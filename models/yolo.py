@@ -50,6 +50,9 @@ class YoloDetector(nn.Module):
         self.backbone = nn.Sequential(*layers)
         self.neck = conv_bn_relu(in_ch, in_ch, 3)  # N x 128 x S x S
         self.head = nn.Conv2d(in_ch, len(anchors) * (5 + num_classes), 1)  # N x B(5+C) x S x S
+        self.anchors: torch.Tensor
+        self.cell_x: torch.Tensor
+        self.cell_y: torch.Tensor
         self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32))  # B x 2, px
         cells = torch.arange(self.grid, dtype=torch.float32)
         # Cell offsets, S x S x 1: column (x) and row (y) of each cell.
@@ -103,5 +106,5 @@ def yolo_fashion(
         in_channels=in_channels,
         input_size=input_size,
         num_classes=num_classes,
-        anchors=tuple(map(tuple, anchors)),
+        anchors=tuple((float(w), float(h)) for w, h in anchors),
     )

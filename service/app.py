@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from convserve.service import errors, heap, oip, rest
 from convserve.service.admission import Admission, AdmissionMiddleware
+from convserve.service.clock import Clock
 from convserve.service.drain import Drain
 from convserve.service.hotpath import HotPath, Routes
 from convserve.service.inference import Inference
@@ -161,8 +162,10 @@ class Classifier:
         self.settings = ServiceSettings()
         configure(self.settings.log_format)
         self.metrics = service_metrics()
+        # One clock per worker: body deadlines, hang-up watches, inference deadlines, gauges.
+        clock = Clock()
         try:
-            self.pool = ModelPool.load(self.settings, self.metrics, TASKS)
+            self.pool = ModelPool.load(self.settings, self.metrics, TASKS, clock)
         except StartupError as exc:
             raise SystemExit(f"convserve cannot start: {exc}") from None
         # The routes reach this worker's models through the app they are mounted in.
@@ -174,6 +177,7 @@ class Classifier:
             max_pending_bodies=self.settings.max_pending_bodies,
             body_timeout_s=self.settings.body_timeout_s,
             on_reject=self._on_error,
+            clock=clock,
         )
         app.state.admission.clock.on_tick = self._sample_gauges
         app.state.on_error = self._on_error
@@ -230,4 +234,6 @@ class Classifier:
         self.pool.shutdown()
 
 
-Classifier.add_asgi_middleware(UnroutablePaths, target=SERVED)
+# BentoML types the argument as a factory protocol, app -> app, which a middleware class is when
+# called; pyright compares the instance's __call__ instead.
+Classifier.add_asgi_middleware(UnroutablePaths, target=SERVED)  # pyright: ignore[reportArgumentType]

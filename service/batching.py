@@ -34,6 +34,7 @@ from typing import Protocol
 import numpy as np
 
 from convserve.errors import DeadlineExceeded, Overloaded
+from convserve.service.clock import Clock
 
 log = logging.getLogger("convserve.batching")
 
@@ -127,6 +128,8 @@ class Batcher:
     timeout_s: float | None = None
     observer: BatchObserver | None = None
     name: str = "model"
+    # The worker's request clock: deadlines checked on its tick, not a timer per request.
+    clock: Clock | None = None
     cost: CostModel = field(default_factory=CostModel)
     pending_images: int = 0  # waiting or in flight
     queued_images: int = 0  # waiting
@@ -171,8 +174,14 @@ class Batcher:
         self._dispatch()
         if self.timeout_s is None:
             return await job.future
-        # One timer per request, cancelled on answer: past the deadline the job's future fails
-        # (and the job, if still queued, is dropped before inference).
+        # Past the deadline the job's future fails (and the job, if still queued, is dropped
+        # before inference): on the worker's clock when it has one, else a timer of its own.
+        if self.clock is not None:
+            ticket = self.clock.later(self.timeout_s, lambda: self._expire(job))
+            try:
+                return await job.future
+            finally:
+                self.clock.clear(ticket)
         timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire, job)
         try:
             return await job.future

@@ -9,7 +9,9 @@ watching task more. Instead, each request registers a `Ticket` (a set insertion)
 - a request that has waited a tick for its answer: a task starts watching its connection, and
   when the client hangs up the request's task is cancelled with `Ticket.gone` set, so its
   images never reach ONNX Runtime. A request answered within a tick never costs a task; one
-  still waiting is queued behind others, which is when dropping its work pays.
+  still waiting is queued behind others, which is when dropping its work pays;
+- a callback whose time has come (`later`): the batcher's inference deadlines, which would
+  otherwise cost a timer per request.
 
 Precision is one tick (0.1 s). `on_tick` runs on every tick too: the service samples its
 gauges there instead of on every request.
@@ -35,6 +37,7 @@ class Ticket:
     expired: bool = False
     gone: bool = False
     watcher: asyncio.Task | None = None
+    callback: Callable[[], None] | None = None  # `later`: what to call when due
 
 
 class Clock:
@@ -43,6 +46,7 @@ class Clock:
         self.on_tick = on_tick
         self._deadlines: set[Ticket] = set()
         self._watches: set[Ticket] = set()
+        self._callbacks: set[Ticket] = set()
         self._ticker: asyncio.Task | None = None
 
     def _ensure_running(self) -> None:
@@ -67,9 +71,18 @@ class Clock:
         self._watches.add(ticket)
         return ticket
 
+    def later(self, seconds: float, callback: Callable[[], None]) -> Ticket:
+        """`callback()` on the loop `seconds` from now (+ up to a tick), unless `clear` comes
+        first."""
+        self._ensure_running()
+        ticket = Ticket(None, time.monotonic() + seconds, callback=callback)
+        self._callbacks.add(ticket)
+        return ticket
+
     def clear(self, ticket: Ticket) -> None:
         self._deadlines.discard(ticket)
         self._watches.discard(ticket)
+        self._callbacks.discard(ticket)
         if ticket.watcher is not None:
             ticket.watcher.cancel()
             ticket.watcher = None
@@ -94,6 +107,10 @@ class Clock:
         for ticket in self._watches:
             if ticket.watcher is None and ticket.due <= now:
                 ticket.watcher = asyncio.ensure_future(self._watch(ticket))
+        for ticket in [t for t in self._callbacks if t.due <= now]:
+            self._callbacks.discard(ticket)
+            assert ticket.callback is not None
+            ticket.callback()
         if self.on_tick is not None:
             self.on_tick()
 

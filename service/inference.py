@@ -8,6 +8,9 @@ own request, never another client's. Errors are domain errors; each protocol ren
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -28,6 +31,17 @@ Upload = tuple[str | None, bytes]  # (filename, encoded image)
 INLINE_PIXELS = 4096
 
 
+def _yield_to_the_loop() -> None:
+    """A decode thread runs a few nice levels below the event loop: when large uploads keep
+    every core busy decoding, the loop (probes, admission, answers) still gets the CPU first.
+    Linux schedules threads on their own; elsewhere this is a no-op."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICENESS)
+
+
+DECODE_NICENESS = 15
+
+
 @dataclass
 class Inference:
     settings: ServiceSettings
@@ -43,7 +57,8 @@ class Inference:
             max_aspect_ratio=settings.max_aspect_ratio,
         )
         threads = settings.decode_threads
-        return cls(settings, pool, limits, ThreadPoolExecutor(threads, "decode"))
+        decoder = ThreadPoolExecutor(threads, "decode", initializer=_yield_to_the_loop)
+        return cls(settings, pool, limits, decoder)
 
     def resolve(self, model: str | None, version: str | None, task: str | None) -> ServedModel:
         """The served model a request names; without a name, the first served of `task`."""

@@ -22,6 +22,7 @@ from convserve.errors import InvalidInput, NotServed
 from convserve.preprocess import from_pixels
 from convserve.runtime import OnnxModel, ProviderError, SessionConfig, make_session, runtime_for
 from convserve.service.batching import Batcher
+from convserve.service.clock import Clock
 from convserve.service.metrics import ServiceMetrics
 from convserve.service.settings import ServiceSettings
 from convserve.service.task import Task
@@ -184,7 +185,11 @@ class ModelPool:
 
     @classmethod
     def load(
-        cls, settings: ServiceSettings, metrics: ServiceMetrics | None, tasks: Mapping[str, Task]
+        cls,
+        settings: ServiceSettings,
+        metrics: ServiceMetrics | None,
+        tasks: Mapping[str, Task],
+        clock: Clock | None = None,
     ) -> ModelPool:
         """Every configured model opened, verified and given its task (from `tasks`, by the
         spec's task name) and its batcher."""
@@ -201,6 +206,7 @@ class ModelPool:
                 timeout_s=settings.request_timeout_ms / 1000,
                 observer=metrics.observer(stored.tag) if metrics else None,
                 name=stored.tag,
+                clock=clock,
             )
             models.append(ServedModel(stored, model, task, batcher))
         _refuse_duplicates([m.stored.tag for m in models])

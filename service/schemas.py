@@ -14,6 +14,8 @@ PNG_8X8_BASE64 = (
     "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAAAAADhZOFXAAAADElEQVR4nGNgoA4AAABIAAEuuDx+AAAAAElFTkSuQmCC"
 )
 Base64Text = Annotated[str, Field(json_schema_extra={"pattern": BASE64_PATTERN})]
+# A style: an index, or a blend of weighted indices ("7", "3:0.5,12:0.5").
+STYLE_PATTERN = r"^[0-9]+(:[0-9]*\.?[0-9]+)?(,[0-9]+(:[0-9]*\.?[0-9]+)?)*$"
 
 
 def json_body_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -67,7 +69,19 @@ class EncodedImage(BaseModel):
     )
 
 
-class ClassifyJsonRequest(BaseModel):
+class ImagesRequest(BaseModel):
+    """The images of a JSON request, as /classify takes them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[EncodedImage | Base64Text] = Field(
+        min_length=1, description="base64-encoded image files, or objects with data + filename"
+    )
+    model: str | None = Field(default=None, min_length=1)
+    version: str | None = Field(default=None, min_length=1)
+
+
+class ClassifyJsonRequest(ImagesRequest):
     """JSON variant of /classify. `top_k`, `model` and `version` may be given here or in the
     query string, not both with different values."""
 
@@ -78,12 +92,7 @@ class ClassifyJsonRequest(BaseModel):
         },
     )
 
-    images: list[EncodedImage | Base64Text] = Field(
-        min_length=1, description="base64-encoded image files, or objects with data + filename"
-    )
     top_k: int | None = Field(default=None, ge=1)
-    model: str | None = None
-    version: str | None = None
 
 
 class ModelVersion(BaseModel):
@@ -123,3 +132,88 @@ class ServedModelInfo(BaseModel):
 class ModelsResponse(BaseModel):
     default: str = Field(description="tag of the model used when a request names none")
     models: list[ServedModelInfo]
+
+
+class DetectJsonRequest(ImagesRequest):
+    """JSON variant of /detect; the thresholds may be given here or in the query string."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"images": [{"data": PNG_8X8_BASE64}], "score_threshold": 0.25}]
+        },
+    )
+
+    score_threshold: float | None = Field(default=None, ge=0, le=1)
+    iou_threshold: float | None = Field(default=None, ge=0, le=1)
+    max_detections: int | None = Field(default=None, ge=1, le=1000)
+
+
+class Box(BaseModel):
+    x1: float = Field(description="left, in the upload's pixels")
+    y1: float = Field(description="top")
+    x2: float = Field(description="right (one past the last column)")
+    y2: float = Field(description="bottom (one past the last row)")
+
+
+class Detection(BaseModel):
+    label: str = Field(examples=["Sneaker"])
+    index: int = Field(ge=0, examples=[7])
+    score: float = Field(ge=0.0, le=1.0, description="objectness x class probability")
+    box: Box
+
+
+class DetectResult(BaseModel):
+    filename: str | None = None
+    width: int = Field(description="the upload's width, pixels")
+    height: int = Field(description="the upload's height, pixels")
+    detections: list[Detection] = Field(description="best score first")
+
+
+class DetectResponse(BaseModel):
+    model: str = Field(examples=["fashion-detector:oxpa3ixhw64noax4"])
+    results: list[DetectResult] = Field(description="one per image, in the order sent")
+
+
+class EmbedResult(BaseModel):
+    filename: str | None = None
+    embedding: list[float] = Field(description="unit length")
+
+
+class EmbedResponse(BaseModel):
+    model: str = Field(examples=["fashion-siamese:oxpa3ixhw64noax4"])
+    results: list[EmbedResult] = Field(description="one per image, in the order sent")
+
+
+class VerifyJsonRequest(ImagesRequest):
+    """JSON variant of /verify: exactly two images, A then B."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"images": [PNG_8X8_BASE64, PNG_8X8_BASE64]}]},
+    )
+
+    images: list[EncodedImage | Base64Text] = Field(
+        min_length=2, max_length=2, description="the two images to compare"
+    )
+
+
+class VerifyResponse(BaseModel):
+    model: str = Field(examples=["fashion-siamese:oxpa3ixhw64noax4"])
+    distance: float = Field(ge=0.0, description="squared L2 distance between the embeddings")
+    threshold: float = Field(description="tau: the same identity when distance <= tau")
+    same: bool
+
+
+class StylizeJsonRequest(ImagesRequest):
+    """JSON variant of /stylize: one image, and the style."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"images": [PNG_8X8_BASE64], "style": "3:0.5,12:0.5"}]},
+    )
+
+    images: list[EncodedImage | Base64Text] = Field(
+        min_length=1, max_length=1, description="the image to stylize"
+    )
+    style: str | None = Field(default=None, pattern=STYLE_PATTERN)

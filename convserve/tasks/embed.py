@@ -57,3 +57,51 @@ def best_threshold(distances: np.ndarray, same: np.ndarray) -> tuple[float, floa
     i = int(np.argmax(correct))
     tau = 0.0 if i == 0 else float(d[i - 1] if i == len(d) else (d[i - 1] + d[i]) / 2)
     return tau, float(correct[i] / len(d))
+
+
+def _pairs(labels: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` index pairs of a labelled set, half the same class and half different."""
+    rng = np.random.default_rng(seed)
+    by_class = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
+    classes = list(by_class)
+    pairs, same = [], []
+    for i in range(count):
+        if i % 2 == 0:
+            members = by_class[classes[rng.integers(len(classes))]]
+            a, b = rng.choice(members, 2, replace=False)
+        else:
+            ca, cb = rng.choice(len(classes), 2, replace=False)
+            a, b = rng.choice(by_class[classes[ca]]), rng.choice(by_class[classes[cb]])
+        pairs.append((a, b))
+        same.append(i % 2 == 0)
+    return np.array(pairs), np.array(same)
+
+
+def verification_pairs(
+    labels: np.ndarray, count: int = 3000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluation's pairs of a labelled set (seeded): same and different, half each."""
+    return _pairs(labels, count, seed)
+
+
+def one_shot_accuracy(
+    embeddings: np.ndarray, labels: np.ndarray, trials: int = 1000, seed: int = 0
+) -> float:
+    """N-way one-shot recognition: one reference image per class (N = the classes present), a
+    query of one of them; correct when its nearest reference is its class. Mean over trials."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    by_class = [np.flatnonzero(labels == c) for c in classes]
+    right = 0
+    for _ in range(trials):
+        refs = np.array([rng.choice(members) for members in by_class])
+        truth = rng.integers(len(classes))
+        query = rng.choice(np.setdiff1d(by_class[truth], refs[truth]))
+        d = ((embeddings[refs] - embeddings[query]) ** 2).sum(1)
+        right += int(np.argmin(d) == truth)
+    return right / trials
+
+
+def pair_distances(embeddings: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    diff = embeddings[pairs[:, 0]] - embeddings[pairs[:, 1]]
+    return (diff**2).sum(1)

@@ -5,5 +5,10 @@ from __future__ import annotations
 
 from convserve.service.task import Task
 from convserve.service.tasks.classify import ClassifyTask
+from convserve.service.tasks.detect import DetectTask
+from convserve.service.tasks.embed import EmbedTask
+from convserve.service.tasks.stylize import StylizeTask
 
-TASKS: dict[str, Task] = {task.name: task for task in (ClassifyTask(),)}
+TASKS: dict[str, Task] = {
+    task.name: task for task in (ClassifyTask(), DetectTask(), EmbedTask(), StylizeTask())
+}

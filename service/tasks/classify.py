@@ -116,9 +116,13 @@ class ClassifyTask(Task):
         return _router(self)
 
 
-TOP_K = {"name": "top_k", "in": "query", "required": False,
-         "description": "predictions per image (default 5)",
-         "schema": {"type": "integer", "minimum": 1}}  # fmt: skip
+TOP_K = {
+    "name": "top_k",
+    "in": "query",
+    "required": False,
+    "description": "predictions per image (default 5)",
+    "schema": {"type": "integer", "minimum": 1},
+}
 
 
 def _router(task: ClassifyTask) -> APIRouter:
@@ -127,8 +131,10 @@ def _router(task: ClassifyTask) -> APIRouter:
     @router.post(
         "/classify",
         response_model=None,
-        responses={200: {"model": ClassifyResponse, "description": "one result per image"},
-                   **rest.INFERENCE_ERRORS},
+        responses={
+            200: {"model": ClassifyResponse, "description": "one result per image"},
+            **rest.INFERENCE_ERRORS,
+        },
         summary="Classify images: multipart upload, the image as the body, or JSON with base64",
         openapi_extra={
             "parameters": [TOP_K, *rest.MODEL_PARAMETERS],
@@ -141,7 +147,7 @@ def _router(task: ClassifyTask) -> APIRouter:
                 },
             },
         },
-    )  # fmt: skip
+    )
     async def classify_route(request: HttpRequest) -> Response:
         """Served by the raw ASGI path (`hotpath.py`) in the running service; this route
         documents the operation and answers it the same way wherever the app runs without
