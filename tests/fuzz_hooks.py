@@ -23,7 +23,7 @@ IMAGE_ROUTES = re.compile(r"^/(classify|detect|embed|verify|stylize)$")
 CONTENT_CODES = {
     "empty_image", "invalid_image", "unsupported_image", "image_too_large", "too_many_pixels",
     "image_too_small", "bad_aspect_ratio", "invalid_base64",
-    "invalid_top_k", "wrong_task", "too_many_images",
+    "invalid_top_k", "wrong_task", "too_many_images", "invalid_style",
     "conflicting_parameters",
 }  # fmt: skip
 ACCEPTED = {200, 404, 503}  # answered, a model the request named is not served, busy

@@ -48,9 +48,13 @@ SPEC = InputSpec(channels=1, height=28, width=28, mean=(0.286,), std=(0.353,))
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(bentoml_home, quick_stored, tmp_path_factory):
+def fuzz_server(
+    bentoml_home, quick_stored, detector_stored, siamese_stored, stylizer_stored, tmp_path_factory
+):
+    """A model of every task, so every route is fuzzed against a model that answers it."""
     log = tmp_path_factory.mktemp("fuzz") / "server.log"
-    proc, url = start_server(bentoml_home, log, models="quick-lenet5:latest")
+    models = [quick_stored.tag, detector_stored.tag, siamese_stored.tag, stylizer_stored.tag]
+    proc, url = start_server(bentoml_home, log, models=",".join(models))
     yield url, log
     stop_server(proc)
 

@@ -22,9 +22,21 @@ SHOTS = ROOT / "build" / "screenshots"
 
 
 @pytest.fixture(scope="module")
-def page_server(default_stored, imagenet_stored, bentoml_home, tmp_path_factory):
+def page_server(
+    default_stored,
+    imagenet_stored,
+    detector_stored,
+    siamese_stored,
+    stylizer_stored,
+    bentoml_home,
+    tmp_path_factory,
+):
     log = tmp_path_factory.mktemp("page") / "server.log"
-    models = "fashion-lenet5:latest,imagenet-efficientnet-lite0:latest"  # what `make serve` serves
+    # What `make serve` serves, and a model of each other task.
+    models = (
+        "fashion-lenet5:latest,imagenet-efficientnet-lite0:latest,fashion-detector:latest,"
+        "fashion-siamese:latest,styletransfer-multistyle26:latest"
+    )
     proc, url = start_server(bentoml_home, log, models=models)
     yield url
     stop_server(proc)
@@ -95,8 +107,9 @@ def test_uploading_a_test_image_shows_its_label_with_bars_and_latency(
     assert page.blocked == []  # type: ignore[attr-defined]
 
 
-def test_a_dropped_colour_photo_is_classified_by_the_imagenet_model(page, page_server, photos,
-                                                                   tmp_path):  # fmt: skip
+def test_a_dropped_colour_photo_is_classified_by_the_imagenet_model(
+    page, page_server, photos, tmp_path
+):
     cat = tmp_path / "chelsea.png"
     cat.write_bytes(photos["chelsea.png"])
     page.goto(page_server + "/")
@@ -119,6 +132,70 @@ def test_a_dropped_colour_photo_is_classified_by_the_imagenet_model(page, page_s
     assert "by imagenet-efficientnet-lite0:" in page.inner_text("#status")
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "demo-page-photo.png"), full_page=True)
+    assert page.blocked == []  # type: ignore[attr-defined]
+
+
+def _open(page, page_server, model: str) -> None:
+    page.goto(page_server + "/")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 4")
+    page.select_option("#model", model)
+
+
+def test_the_detect_view_draws_each_box_with_its_label_and_score(page, page_server, tmp_path):
+    from convserve.models.data import load_scenes
+
+    scene = _png_file(tmp_path, "scene.png", load_scenes("test", 4).images[2])
+    expected = httpx.post(
+        f"{page_server}/detect",
+        params={"score_threshold": 0.25},
+        files=[("images", ("scene.png", scene.read_bytes()))],
+    ).json()
+    found = expected["results"][0]["detections"]
+    _open(page, page_server, "fashion-detector")
+    assert page.is_visible("#score") and not page.is_visible("#topk")
+    page.set_input_files("#files", str(scene))
+    page.wait_for_selector(".card .scene")
+    page.wait_for_function(f"document.querySelectorAll('.box').length === {len(found)}")
+    labels = page.locator(".box span").all_inner_texts()
+    assert labels == [f"{d['label']} {d['score']:.2f}" for d in found]
+    assert f"{len(found)} object(s) in 1 image(s)" in page.inner_text("#status")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "demo-page-detect.png"), full_page=True)
+    assert page.blocked == []  # type: ignore[attr-defined]
+
+
+def test_the_verify_view_compares_two_images(page, page_server, fashion_test, tmp_path):
+    a = _png_file(tmp_path, "a.png", fashion_test.images[0])
+    _open(page, page_server, "fashion-siamese")
+    assert page.is_visible("#pair") and not page.is_visible("#single")
+    page.set_input_files("#file-a", str(a))
+    page.set_input_files("#file-b", str(a))  # the same image twice: distance 0, "same"
+    page.wait_for_selector(".verdict")
+    assert page.inner_text(".verdict") == "same"
+    assert "squared distance 0.0000" in page.inner_text(".card")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "demo-page-verify.png"), full_page=True)
+    assert page.blocked == []  # type: ignore[attr-defined]
+
+
+def test_the_stylize_view_shows_the_result_beside_the_upload(page, page_server, photos, tmp_path):
+    photo = tmp_path / "coffee.jpg"
+    img = Image.open(io.BytesIO(photos["coffee.png"])).convert("RGB").resize((240, 160))
+    img.save(photo, "JPEG")
+    _open(page, page_server, "styletransfer-multistyle26")
+    page.fill("#style", "3:0.5,12:0.5")
+    page.set_input_files("#files", str(photo))
+    page.wait_for_function(
+        "document.getElementById('stylized') && "
+        "document.getElementById('stylized').naturalWidth > 0"
+    )
+    size = page.evaluate(
+        "[document.getElementById('stylized').naturalWidth, "
+        "document.getElementById('stylized').naturalHeight]"
+    )
+    assert size == [240, 160]
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "demo-page-stylize.png"), full_page=True)
     assert page.blocked == []  # type: ignore[attr-defined]
 
 

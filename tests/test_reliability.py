@@ -13,6 +13,7 @@ import socket
 import statistics
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -21,7 +22,7 @@ import pytest
 from PIL import Image
 from serving import start_server, stop_server, wait_ready
 
-from convserve.loadtest.bench import tree_rss
+from convserve.loadtest.processes import tree_rss
 
 pytestmark = pytest.mark.slow
 
@@ -284,6 +285,15 @@ def test_a_client_that_hangs_up_costs_no_inference_and_keep_alive_is_unaffected(
 # --- 7. probes under a saturating burst -----------------------------------------------------------
 
 
+def _refusals(log: Path) -> dict[str, int]:
+    """The server's error codes in its log, counted: what the server said where a client saw
+    its connection end."""
+    codes: dict[str, int] = {}
+    for code in re.findall(r'"error": ?"([a-z_]+)"', log.read_text(errors="replace")):
+        codes[code] = codes.get(code, 0) + 1
+    return codes
+
+
 def _probe_latencies(url: str, path: str, seconds: float) -> tuple[list[float], list[int]]:
     """Runs in its own process, so the load generator's event loop cannot delay it."""
     latencies, statuses = [], []
@@ -304,6 +314,10 @@ def test_probes_answer_within_100_ms_at_p99_during_a_saturating_burst(server, fa
     _, url, _ = server
     images = fashion_test.images[:64]
     heavy = [("images", (f"{i}.png", png(img, 16))) for i, img in enumerate(images)]
+    # Encoded once: 300 clients re-encoding 64 parts each would starve this one process, and its
+    # bodies would trickle in like a slow client's, which is another test's subject.
+    encoded = httpx.Request("POST", url, files=heavy)
+    body, headers = encoded.read(), {"content-type": encoded.headers["content-type"]}
 
     async def burst(seconds: float) -> list[int]:
         # Idle connections are dropped before the server's 5 s keep-alive ends: reusing one the
@@ -315,7 +329,11 @@ def test_probes_answer_within_100_ms_at_p99_during_a_saturating_burst(server, fa
             async def client():
                 codes = []
                 while time.monotonic() < deadline:
-                    codes.append((await http.post("/classify", files=heavy)).status_code)
+                    try:
+                        answer = await http.post("/classify", content=body, headers=headers)
+                        codes.append(answer.status_code)
+                    except httpx.TransportError as error:  # counted, so the summary names it
+                        codes.append(type(error).__name__)
                 return codes
 
             answers = await asyncio.gather(*(client() for _ in range(300)))
@@ -325,7 +343,16 @@ def test_probes_answer_within_100_ms_at_p99_during_a_saturating_burst(server, fa
     with concurrent.futures.ProcessPoolExecutor(2, mp_context=spawn) as pool:
         probes = {p: pool.submit(_probe_latencies, url, p, 8.0) for p in ("/readyz", "/livez")}
         time.sleep(1.0)  # the probers are up (spawned interpreters) before the burst
-        answers = asyncio.run(burst(8.0))
+        # The burst's 300 clients share two cores with the server and the probers: at a lower
+        # priority they load the server without starving the probers' own measurements (on a
+        # real network the load comes from other machines).
+        tid = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, before + 10)
+        try:
+            answers = asyncio.run(burst(8.0))
+        finally:
+            os.setpriority(os.PRIO_PROCESS, tid, before)
         results = {p: f.result() for p, f in probes.items()}
     counts = {s: answers.count(s) for s in set(answers)}
     summary = ", ".join(
@@ -334,8 +361,8 @@ def test_probes_answer_within_100_ms_at_p99_during_a_saturating_burst(server, fa
         for p, (v, _) in results.items()
     )
     print(f"burst of 300 clients x 64-image requests for 8 s: {counts}; {summary}")
+    assert set(answers) <= {200, 503}, (counts, _refusals(server[2]))
     assert counts.get(503, 0) > 0, "the burst did not saturate admission"
-    assert set(answers) <= {200, 503}
     for latencies, statuses in results.values():
         assert set(statuses) == {200}
         assert len(latencies) > 20 and percentile(latencies, 99) < 0.1

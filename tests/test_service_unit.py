@@ -124,6 +124,32 @@ def test_batcher_fails_fast_past_its_deadline():
     asyncio.run(main())
 
 
+def test_on_the_workers_clock_the_deadline_holds_to_a_tick_and_costs_no_timer():
+    from convserve.service.clock import Clock
+
+    clock = Clock(tick_s=0.05)
+    batcher = _batcher(FakeSession(delay_s=0.5), timeout_s=0.1, clock=clock)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        scheduled = len(loop._scheduled)  # type: ignore[attr-defined]  # the loop's timers
+        t0 = time.perf_counter()
+        pending = [asyncio.ensure_future(batcher.submit(_images(1))) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        # Five requests waiting, and the clock's own sleep is the only new timer: none per
+        # request (a timer each would add five).
+        assert len(loop._scheduled) <= scheduled + 1  # type: ignore[attr-defined]
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        assert 0.1 <= time.perf_counter() - t0 < 0.1 + 0.05 + 0.45
+        assert all(
+            isinstance(r, ConvserveError) and r.code == "deadline_exceeded" for r in results[1:]
+        )  # the first may have been running
+        assert not clock._callbacks  # type: ignore[attr-defined]  # cleared once answered
+        clock.stop()
+
+    asyncio.run(main())
+
+
 def test_batcher_reports_batch_sizes_and_queue_waits():
     seen: list[tuple[int, int]] = []
 

@@ -13,9 +13,15 @@ import torch
 from PIL import Image
 
 from convserve.errors import InvalidInput
-from convserve.models.siamese import mine_triplets, one_shot_accuracy, triplet_loss
+from convserve.models.siamese import mine_triplets, triplet_loss
 from convserve.models.style import content_cost, gram, layer_style_cost, style_cost
-from convserve.tasks.embed import best_threshold, pairwise_squared_distances, roc_auc, unit
+from convserve.tasks.embed import (
+    best_threshold,
+    one_shot_accuracy,
+    pairwise_squared_distances,
+    roc_auc,
+    unit,
+)
 from convserve.tasks.stylize import style_weights, to_png
 
 
