@@ -19,7 +19,6 @@ import asyncio
 import gc
 import importlib.util
 import logging
-import re
 from pathlib import Path
 
 import bentoml
@@ -27,13 +26,12 @@ from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from convserve.service import errors, heap, oip, rest
 from convserve.service.admission import Admission, AdmissionMiddleware
 from convserve.service.clock import Clock
 from convserve.service.drain import Drain
-from convserve.service.hotpath import HotPath, Routes
+from convserve.service.hotpath import FrontDoor, HotPath, Routes
 from convserve.service.inference import Inference
 from convserve.service.metrics import RequestMetrics, exposition, service_metrics
 from convserve.service.pool import ModelPool, StartupError, preflight
@@ -107,26 +105,11 @@ def _definition_settings() -> ServiceSettings:
 _defined = _definition_settings()
 
 
-class UnroutablePaths:
-    """ASGI, in front of BentoML's router: a path holding a line break (or another control
-    character) goes straight to convserve's app. BentoML mounts the app with a regular
-    expression whose `.` stops at a line break, so such a path never reached convserve and got
-    the router's own plain-text 404; now it gets convserve's JSON answer, request id included."""
-
-    def __init__(self, app: ASGIApp, target: ASGIApp) -> None:
-        self.app, self.target = app, target
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and _CONTROL.search(scope["path"]):
-            await self.target(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-SERVED = RequestIds(
-    RequestMetrics(HotPath(app, ROUTES), ROUTES.template_of, access_log=_defined.access_log)
-)
+# The mounted app: FastAPI's routes (models, tensors, metrics, the page, the documentation)
+# and, until the service is ready, the inference routes too. Once it is, the front door
+# (below) answers those before BentoML routes them.
+HOT = HotPath(app, ROUTES)
+SERVED = RequestIds(RequestMetrics(HOT, ROUTES.template_of, access_log=_defined.access_log))
 
 
 @bentoml.service(
@@ -236,4 +219,9 @@ class Classifier:
 
 # BentoML types the argument as a factory protocol, app -> app, which a middleware class is when
 # called; pyright compares the instance's __call__ instead.
-Classifier.add_asgi_middleware(UnroutablePaths, target=SERVED)  # pyright: ignore[reportArgumentType]
+Classifier.add_asgi_middleware(
+    FrontDoor,  # pyright: ignore[reportArgumentType]
+    hot=HOT,
+    target=SERVED,
+    access_log=_defined.access_log,
+)

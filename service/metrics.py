@@ -173,13 +173,18 @@ class RequestMetrics:
             raise
         finally:
             route = self.route_of(scope) or _template(scope)
-            method = scope["method"] if scope["method"] in METHODS else "other"
-            count, duration = _children(route, method, status)
-            seconds = time.perf_counter() - started
-            count.inc()
-            duration.observe(seconds)
-            if self.access_log:
-                log_access(scope["method"], scope["path"], status, seconds)
+            record(scope, route, status, time.perf_counter() - started, self.access_log)
+
+
+def record(scope: Scope, route: str, status: int, seconds: float, access_log: bool) -> None:
+    """One answered request: counted by route template, method and status, and timed; with
+    `access_log`, its access line."""
+    method = scope["method"] if scope["method"] in METHODS else "other"
+    count, duration = _children(route, method, status)
+    count.inc()
+    duration.observe(seconds)
+    if access_log:
+        log_access(scope["method"], scope["path"], status, seconds)
 
 
 @functools.lru_cache(maxsize=1024)  # labels come from bounded sets; the cache spares lookups

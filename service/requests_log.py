@@ -29,6 +29,11 @@ current: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id
 access = logging.getLogger("convserve.access")
 
 
+def request_id_of(scope: Scope) -> str:
+    """The client's sane X-Request-ID, or a new one."""
+    return _incoming(scope) or os.urandom(16).hex()
+
+
 def _incoming(scope: Scope) -> str | None:
     for key, value in scope.get("headers", ()):
         if key == HEADER:
@@ -47,7 +52,7 @@ class RequestIds:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _incoming(scope) or os.urandom(16).hex()
+        request_id = request_id_of(scope)
         header = (HEADER, request_id.encode())
 
         async def send_with_id(message: Message) -> None:

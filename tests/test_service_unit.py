@@ -441,3 +441,15 @@ def test_binary_bytes_elements_and_leftover_bytes():
     header = header.replace(str(len(payload)).encode(), str(len(short)).encode())
     with pytest.raises(ConvserveError, match="truncated"):
         oip.parse_infer_request(header + short, str(len(header)))
+
+
+@pytest.mark.parametrize("shape", [(1, 10), (3, 10), (64, 10), (2, 1000)])
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_top_k_lists_match_numpy_top_k_ties_included(shape, k):
+    from convserve.runtime import top_k, top_k_lists
+
+    p = np.random.default_rng(k).random(shape).astype(np.float32)
+    p[0, 1] = p[0, 2] = p[0].max()  # a tie at the top: the lower index first
+    indices, values = top_k(p, k)
+    assert top_k_lists(p, k) == (indices.tolist(), values.tolist())
+    assert top_k_lists(p, k)[0][0][:2] == [1, 2][:k]

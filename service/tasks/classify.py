@@ -17,7 +17,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import Response
 
 from convserve.errors import InvalidInput
-from convserve.runtime import OnnxClassifier, OnnxModel, top_k
+from convserve.runtime import OnnxClassifier, OnnxModel, top_k_lists
 from convserve.service import rest
 from convserve.service.inference import Inference, current
 from convserve.service.pool import ServedModel
@@ -35,7 +35,7 @@ def classify_payload(
 ) -> bytes:
     """probabilities: N x classes -> the ClassifyResponse JSON: each image's top-k, most likely
     first, in the order sent. Built as plain data and serialized once."""
-    indices, probs = top_k(probabilities, k)
+    indices, probs = top_k_lists(probabilities, k)
     labels = served.spec.labels
     results = [
         {
@@ -45,7 +45,7 @@ def classify_payload(
                 for j, p in zip(row_i, row_p, strict=True)
             ],
         }
-        for name, row_i, row_p in zip(names, indices.tolist(), probs.tolist(), strict=True)
+        for name, row_i, row_p in zip(names, indices, probs, strict=True)
     ]
     return json.dumps({"model": served.stored.tag, "results": results}).encode()
 
