@@ -35,6 +35,7 @@ import numpy as np
 
 from convserve.errors import DeadlineExceeded, Overloaded
 from convserve.service.clock import Clock
+from convserve.service.threads import yield_to_the_loop
 
 log = logging.getLogger("convserve.batching")
 
@@ -139,7 +140,9 @@ class Batcher:
     _timer: asyncio.TimerHandle | None = None
 
     def __post_init__(self) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{self.name}")
+        self._executor = ThreadPoolExecutor(
+            1, thread_name_prefix=f"infer-{self.name}", initializer=yield_to_the_loop
+        )
 
     # --- admission ---------------------------------------------------------------------------
 

@@ -8,9 +8,6 @@ own request, never another client's. Errors are domain errors; each protocol ren
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -22,6 +19,7 @@ from convserve.preprocess import Batch, ImageLimits, decode_batch, open_image
 from convserve.service.pool import ModelPool, ServedModel
 from convserve.service.settings import ServiceSettings
 from convserve.service.task import Rows
+from convserve.service.threads import yield_to_the_loop
 
 Upload = tuple[str | None, bytes]  # (filename, encoded image)
 
@@ -29,17 +27,6 @@ Upload = tuple[str | None, bytes]  # (filename, encoded image)
 # Decoding this many pixels takes about 0.2 ms (a 28 px PNG: ~0.03 ms): less than a thread hop
 # and its wake-up under load, so it runs inline.
 INLINE_PIXELS = 4096
-
-
-def _yield_to_the_loop() -> None:
-    """A decode thread runs a few nice levels below the event loop: when large uploads keep
-    every core busy decoding, the loop (probes, admission, answers) still gets the CPU first.
-    Linux schedules threads on their own; elsewhere this is a no-op."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICENESS)
-
-
-DECODE_NICENESS = 15
 
 
 @dataclass
@@ -57,7 +44,7 @@ class Inference:
             max_aspect_ratio=settings.max_aspect_ratio,
         )
         threads = settings.decode_threads
-        decoder = ThreadPoolExecutor(threads, "decode", initializer=_yield_to_the_loop)
+        decoder = ThreadPoolExecutor(threads, "decode", initializer=yield_to_the_loop)
         return cls(settings, pool, limits, decoder)
 
     def resolve(self, model: str | None, version: str | None, task: str | None) -> ServedModel:
