@@ -119,7 +119,7 @@ def measure(
         if spec.task == "embed":
             pair = np.stack([from_bytes(data, spec.input), x[(i + 1) % len(x)]])
             a, b = infer(pair)[0]
-            return squared_distance(a, b)
+            return squared_distance(a[None], b[None])[0]
         if spec.task == "stylize":
             got = decode_batch([("photo.jpg", decode(data))], spec.input)
             place = got.placements[0]

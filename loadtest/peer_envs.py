@@ -40,7 +40,8 @@ ENVS = {
         ("torch==2.13.0", "torchserve==0.12.0", "torch-model-archiver==0.12.0", "pyyaml", *COMMON),
         needs=("java",),
     ),
-    "rayserve": Env(BASE_PYTHON, ("ray[serve]==2.60.0", *COMMON)),
+    # python-multipart: Starlette parses the upload form with it, and Ray Serve does not pull it in.
+    "rayserve": Env(BASE_PYTHON, ("ray[serve]==2.60.0", "python-multipart", *COMMON)),
 }
 
 

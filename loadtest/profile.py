@@ -183,7 +183,9 @@ def table(profiles: list[Profile]) -> str:
     )
     lines.append("| requests/s | " + " | ".join(f"{p.requests_per_s:.0f}" for p in profiles) + " |")
     for floor in sorted({f for p in profiles for f in p.floors}):
-        cells = " | ".join(f"{p.floors.get(floor, 0):.0f}" for p in profiles)
+        cells = " | ".join(
+            f"{p.floors[floor]:.0f}" if floor in p.floors else "not measured" for p in profiles
+        )
         lines.append(f"| wrk, {floor}, req/s | {cells} |")
     return "\n".join(lines) + "\n"
 
@@ -205,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     (out / f"profile-{result.label}.json").write_text(json.dumps(asdict(result), indent=2))
     profiles = [Profile(**json.loads(p.read_text())) for p in sorted(out.glob("profile-*.json"))]
+    profiles.sort(key=lambda p: p.label != "before")  # "before" first, then the others
     (out / "where-the-time-goes.md").write_text(table(profiles))
     print(table(profiles))
     return 0
