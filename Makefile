@@ -13,7 +13,7 @@ CONTAINER_TOOLS := /usr/bin/buildah /usr/sbin/debootstrap
 BROWSER := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install dataset container-tools browser serve test test-fast lint bench profile fuzz soak \
+.PHONY: install dataset container-tools browser serve test test-fast test-long lint bench profile fuzz soak \
 	models detector siamese stylizer transfer evaluate clean
 
 install: $(BIN)/.installed
@@ -84,6 +84,10 @@ $(BROWSER):
 
 test: install dataset container-tools browser $(KSERVE_WHEEL)
 	$(BIN)/python -m pytest
+
+# What the default run leaves out for time: the container build that trains its own model.
+test-long: install dataset container-tools $(KSERVE_WHEEL)
+	$(BIN)/python -m pytest -m long
 
 test-fast: install dataset $(KSERVE_WHEEL)
 	$(BIN)/python -m pytest -m "not slow"

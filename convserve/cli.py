@@ -72,8 +72,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     m = result.metrics
     if not m:  # a non-zero rank of a distributed run: rank 0 reports
         return 0
+    # Each task's objective names its own summary figure (best_test_accuracy, best_map50, ...).
+    name, value = next((k, v) for k, v in m.items() if k.startswith("best_") and k != "best_epoch")
+    figure = f"{100 * value:.2f}%" if name.endswith("accuracy") else f"{value:.4f}"
     print(
-        f"best test accuracy {100 * m['best_test_accuracy']:.2f}% (epoch {m['best_epoch']}) "
+        f"{name.removeprefix('best_').replace('_', ' ')} {figure} (best, epoch {m['best_epoch']}) "
         f"in {m['train_time_s']:.0f} s; checkpoint {result.checkpoint}"
     )
     return 0
@@ -264,7 +267,7 @@ DETECTOR_TRAINING = [
     "--lr",
     "3e-3",
 ]
-SIAMESE_TRAINING = ["--epochs", "15", "--batch-size", "140", "--lr", "2e-3"]
+SIAMESE_TRAINING = ["--epochs", "4", "--batch-size", "140", "--lr", "2e-3"]
 
 
 def prepare(name: str, data_dir: str | None = None, *, force: bool = False) -> None:

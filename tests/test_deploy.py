@@ -305,7 +305,6 @@ def test_image_is_lean_non_root_and_serves(image, fashion_test, photos):
         assert "event loop uvloop" in ready and "HTTP httptools" in ready, ready[-2000:]
 
 
-@pytest.mark.slow
 def _answers_a_real_photo(url: str, photos: dict[str, bytes]) -> None:
     """The ImageNet model in the image classifies scikit-image's cat as a cat."""
     files = [("images", ("chelsea.png", photos["chelsea.png"]))]
@@ -318,6 +317,10 @@ def _answers_a_real_photo(url: str, photos: dict[str, bytes]) -> None:
 CATS = {"Egyptian Mau", "tabby cat", "a cat having a striped coat"}
 
 
+# The second way to build (no store given: the build trains the default model) takes five
+# minutes more; `make test-long` runs it, the default run builds from a store.
+@pytest.mark.slow
+@pytest.mark.long
 def test_default_build_trains_its_model_and_serves_it(default_image, fashion_test, photos):
     with _serving(default_image) as url:
         models = httpx.get(f"{url}/models").json()

@@ -53,7 +53,7 @@ def fuzz_server(
 ):
     """A model of every task, so every route is fuzzed against a model that answers it."""
     log = tmp_path_factory.mktemp("fuzz") / "server.log"
-    models = [quick_stored.tag, detector_stored.tag, siamese_stored.tag, stylizer_stored.tag]
+    models = [quick_stored[1].tag, detector_stored.tag, siamese_stored.tag, stylizer_stored.tag]
     proc, url = start_server(bentoml_home, log, models=",".join(models))
     yield url, log
     stop_server(proc)
