@@ -15,6 +15,13 @@ The one-shot setting, honestly: Fashion-MNIST classes 0-6 (T-shirt/top ... Shirt
 (Sneaker, Bag, Ankle boot) are never seen, and the test split of those is where the model is
 judged, as a face verifier is judged on people it never saw. tau is chosen on the validation
 set of seen classes, never on the unseen ones.
+
+A class is a coarse identity: the triplet loss alone pulls all of a class's images to one point,
+and forgets how garments within a class differ, which is exactly what telling apart garments of
+an unseen class needs. Two aids keep that (both optional, both from the seen training images
+only): *look-alike identities*, each seen class split into groups of similar images by k-means
+on the pixels, mined as identities beside the classes, and a *reconstruction cost*, a decoder
+(training-only, not exported) that rebuilds the image from its embedding.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ if TYPE_CHECKING:
 SEEN = (0, 1, 2, 3, 4, 5, 6)  # T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, Shirt
 UNSEEN = (7, 8, 9)  # Sneaker, Bag, Ankle boot: never in training
 VALIDATION = 500  # per seen class, held out of training: where tau is chosen
+GROUP_IMAGES = 4  # images of each look-alike group in a batch (P groups x K = 4)
 MARGIN = 0.2  # alpha, on squared distances between unit vectors (which lie in [0, 4])
 
 
@@ -59,6 +67,21 @@ def triplet_loss(
     d_ap = (anchor - positive).pow(2).sum(1)
     d_an = (anchor - negative).pow(2).sum(1)
     return F.relu(d_ap - d_an + margin).mean()
+
+
+def look_alike_groups(images: np.ndarray, labels: np.ndarray, per_class: int) -> np.ndarray:
+    """Each class split into `per_class` groups of similar images (k-means on the pixels):
+    group ids c * per_class + k, so a group never spans two classes. images: N x H x W uint8."""
+    from sklearn.cluster import KMeans
+
+    groups = np.zeros(len(labels), dtype=np.int64)
+    flat = images.reshape(len(images), -1).astype(np.float32) / 255.0  # N x H*W
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        k = min(per_class, len(members))
+        kmeans = KMeans(n_clusters=k, n_init="auto", max_iter=25, random_state=0)
+        groups[members] = int(c) * per_class + np.asarray(kmeans.fit_predict(flat[members]))
+    return groups
 
 
 def mine_triplets(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -106,41 +129,76 @@ class Verification(Objective):
         limit = config.test_limit
         unseen_test = np.flatnonzero(np.isin(test.labels, UNSEEN))[:limit]
         seen_test = np.flatnonzero(np.isin(test.labels, SEEN))[:limit]
+        labels = train.labels[fit]
+        groups = labels.astype(np.int64)  # one group per class: the classes alone
+        if config.look_alikes:
+            groups = look_alike_groups(train.images[fit], labels, config.look_alikes)
         return Prepared(
             x_train=to_inputs(train.images[fit], spec),
-            y_train=torch.from_numpy(train.labels[fit]),
+            # N x 2: the class, and the look-alike group within it (the class, without them)
+            y_train=torch.from_numpy(np.stack([labels.astype(np.int64), groups], axis=1)),
             x_test=to_inputs(train.images[val], spec),  # validation: picks epoch and tau
             y_test=torch.from_numpy(train.labels[val]),
             input_spec=spec,
             labels=(),
-            model_kwargs={"dim": model_kwargs.get("dim", 64)},
+            model_kwargs={
+                "dim": model_kwargs.get("dim", 64),
+                "grid": bool(model_kwargs.get("grid", True)),
+                "decoder": config.reconstruction > 0,
+            },
             extra={
+                "batch_size": config.batch_size,
+                "look_alikes": bool(config.look_alikes),
                 "unseen": (to_inputs(test.images[unseen_test], spec), test.labels[unseen_test]),
                 "seen": (to_inputs(test.images[seen_test], spec), test.labels[seen_test]),
             },
         )
 
     def order(self, data: Prepared, generator: torch.Generator) -> torch.Tensor:
-        """Batches of every seen class in equal parts (P classes x K images, interleaved), so
-        each anchor has positives and negatives in its batch."""
-        labels = data.y_train
-        per_class = [torch.nonzero(labels == c).flatten() for c in torch.unique(labels)]
-        shuffled = [idx[torch.randperm(len(idx), generator=generator)] for idx in per_class]
-        rounds = min(len(s) for s in shuffled)
-        return torch.stack([s[:rounds] for s in shuffled], dim=1).flatten()  # c0 c1 ... c6 c0 ...
+        """Batches in which every anchor has positives and negatives: the seen classes in equal
+        parts, interleaved (c0 c1 ... c6 c0 ...); with look-alike groups, P groups x 4 images
+        (drawn with replacement: a small group's images recur, differently augmented)."""
+        classes, groups = data.y_train[:, 0], data.y_train[:, 1]
+        if not data.extra["look_alikes"]:
+            per_class = [torch.nonzero(classes == c).flatten() for c in torch.unique(classes)]
+            shuffled = [idx[torch.randperm(len(idx), generator=generator)] for idx in per_class]
+            rounds = min(len(s) for s in shuffled)
+            return torch.stack([s[:rounds] for s in shuffled], dim=1).flatten()
+        size = data.extra["batch_size"]
+        members = [torch.nonzero(groups == g).flatten() for g in torch.unique(groups)]
+        steps = -(-len(groups) // size)  # as many steps as the schedule counts
+        per_batch = max(2, size // GROUP_IMAGES)
+        batches = []
+        for _ in range(steps):
+            picked = torch.randperm(len(members), generator=generator)[:per_batch]
+            for g in picked.tolist():
+                m = members[g]
+                batches.append(m[torch.randint(len(m), (GROUP_IMAGES,), generator=generator)])
+        return torch.cat(batches)
 
     def loss(
         self, trainer: Trainer, xb: torch.Tensor, yb: torch.Tensor
     ) -> tuple[torch.Tensor, int]:
-        if trainer.config.augment:
+        config = trainer.config
+        clean = trainer.to_device(xb)
+        if config.augment:
             from convserve.models.augment import augment_batch
 
-            xb = augment_batch(xb, trainer.generator, fill=trainer.black, flip=trainer.config.hflip)
-        embeddings = trainer.trained(trainer.to_device(xb))
-        labels = yb.to(trainer.device)
-        a, p, n = mine_triplets(embeddings, labels)
+            xb = augment_batch(xb, trainer.generator, fill=trainer.black, flip=config.hflip)
+        xb = trainer.to_device(xb)
+        if config.reconstruction > 0:
+            embeddings, rebuilt = trainer.trained(xb, reconstruct=True)
+        else:
+            embeddings, rebuilt = trainer.trained(xb), None
+        classes, groups = yb[:, 0].to(trainer.device), yb[:, 1].to(trainer.device)
+        a, p, n = mine_triplets(embeddings, classes)
         loss = triplet_loss(embeddings[a], embeddings[p], embeddings[n])
-        with torch.no_grad():  # how many triplets already hold their margin
+        if config.look_alikes:  # the same loss, with the look-alike groups as identities
+            ga, gp, gn = mine_triplets(embeddings, groups)
+            loss = loss + triplet_loss(embeddings[ga], embeddings[gp], embeddings[gn])
+        if rebuilt is not None:  # the clean image, from the augmented view's embedding
+            loss = loss + config.reconstruction * F.mse_loss(rebuilt.float(), clean)
+        with torch.no_grad():  # how many class triplets already hold their margin
             d_ap = (embeddings[a] - embeddings[p]).pow(2).sum(1)
             d_an = (embeddings[a] - embeddings[n]).pow(2).sum(1)
         return loss, int((d_ap + MARGIN <= d_an).sum())

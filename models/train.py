@@ -88,6 +88,20 @@ class TrainConfig:
     random_erasing: float = field(
         default=0.0, metadata=_opt("probability of erasing a random rectangle", metavar="P")
     )
+    look_alikes: int = field(
+        default=0,
+        metadata=_opt(
+            "verification: split each class into N groups of similar images (k-means), mined "
+            "as identities too",
+            metavar="N",
+        ),
+    )
+    reconstruction: float = field(
+        default=0.0,
+        metadata=_opt(
+            "verification: weight of a decoder's reconstruction cost (training-only)", metavar="W"
+        ),
+    )
     train_limit: int | None = field(
         default=None, metadata=_opt("use only the first N training images")
     )

@@ -230,6 +230,8 @@ def siamese_run() -> Path:
                 train_limit=7000,
                 test_limit=1500,
                 epochs=2,
+                look_alikes=20,
+                reconstruction=1.0,
                 batch_size=140,
                 lr=2e-3,
                 out_dir=str(run),

@@ -13,8 +13,17 @@ import torch
 from PIL import Image
 
 from convserve.errors import InvalidInput
-from convserve.models.siamese import mine_triplets, triplet_loss
+from convserve.models.embedding import EmbeddingNet
+from convserve.models.objectives import Prepared
+from convserve.models.siamese import (
+    GROUP_IMAGES,
+    Verification,
+    look_alike_groups,
+    mine_triplets,
+    triplet_loss,
+)
 from convserve.models.style import content_cost, gram, layer_style_cost, style_cost
+from convserve.spec import InputSpec
 from convserve.tasks.embed import (
     best_threshold,
     one_shot_accuracy,
@@ -51,6 +60,53 @@ def test_mining_picks_the_hardest_positive_and_a_semi_hard_negative():
     # hardest negative, x=1 or x=3 (d=1): the first, x=1.
     assert mined[3] == (4, 1)
     assert sorted(anchors) == [0, 1, 2, 3, 4]
+
+
+def test_look_alike_groups_split_a_class_by_looks_and_never_span_two():
+    rng = np.random.default_rng(0)
+    # Class 3: 30 dark images and 30 bright ones; class 5: 30 images with a bright left half.
+    dark = rng.integers(0, 40, (30, 8, 8))
+    bright = rng.integers(200, 255, (30, 8, 8))
+    half = np.zeros((30, 8, 8), dtype=np.int64)
+    half[:, :, :4] = rng.integers(200, 255, (30, 8, 4))
+    images = np.concatenate([dark, bright, half]).astype(np.uint8)
+    labels = np.repeat([3, 3, 5], 30)
+    groups = look_alike_groups(images, labels, per_class=2)
+    assert np.array_equal(groups // 2, labels)  # group c * 2 + k lies in class c
+    assert len(set(groups[:30])) == 1 and len(set(groups[30:60])) == 1  # dark apart
+    assert groups[0] != groups[30]  # from bright
+    assert set(groups[60:]) <= {10, 11}
+
+
+def test_look_alike_batches_hold_groups_of_four_with_positives_and_negatives():
+    groups = np.repeat(np.arange(12), [1, 2, 3, 5, 8, 13, 1, 2, 3, 5, 8, 13])
+    y = torch.from_numpy(np.stack([groups // 6, groups], axis=1))
+    spec = InputSpec(channels=1, height=2, width=2, mean=(0.0,), std=(1.0,))
+    data = Prepared(
+        torch.zeros(len(groups), 1, 2, 2), y, torch.zeros(0), torch.zeros(0), spec, (),
+        extra={"batch_size": 16, "look_alikes": True},
+    )  # fmt: skip
+    order = Verification().order(data, torch.Generator().manual_seed(0))
+    assert len(order) == 16 * -(-len(groups) // 16)  # the schedule's steps, full batches
+    for batch in order.view(-1, 16):
+        drawn = y[batch, 1].view(-1, GROUP_IMAGES)  # 4 groups x 4 images
+        assert (drawn == drawn[:, :1]).all()  # each four from one group
+        assert len(set(drawn[:, 0].tolist())) == 4  # four different groups
+
+
+def test_the_exported_embedder_leaves_the_decoder_behind_and_matches_the_network():
+    torch.manual_seed(0)
+    net = EmbeddingNet(decoder=True).eval()
+    x = torch.randn(3, 1, 28, 28)
+    embedder, names = net.for_export()
+    assert names == ["embedding"]
+    assert not any(name.startswith("decoder") for name, _ in embedder.named_parameters())
+    e, rebuilt = net(x, reconstruct=True)
+    assert rebuilt.shape == x.shape
+    assert torch.allclose(embedder(x), e) and torch.allclose(net(x), e)
+    assert torch.allclose(e.norm(dim=1), torch.ones(3))
+    with pytest.raises(ValueError):
+        EmbeddingNet()(x, reconstruct=True)  # no decoder, nothing to rebuild with
 
 
 def test_roc_auc_and_the_threshold_of_hand_worked_scores():
