@@ -122,7 +122,7 @@ UNSUPPORTED = (
 )
 
 
-def read_images(
+async def read_images(
     inference: Inference,
     content_type: str | None,
     body: bytes,
@@ -133,7 +133,20 @@ def read_images(
     parameters, called with the JSON body when it came as JSON, else None; the images in the
     order sent, counted against the request limit). `schema` has `images`: base64 strings or
     {data, filename} objects. The parameters are resolved before the images are read, so a
-    request naming an unknown model is refused before its images cost anything."""
+    request naming an unknown model is refused before its images cost anything. A large body
+    is taken apart on a decode thread (`Inference.off_loop`)."""
+    return await inference.off_loop(
+        len(body), lambda: _read_images(inference, content_type, body, schema, resolve)
+    )
+
+
+def _read_images(
+    inference: Inference,
+    content_type: str | None,
+    body: bytes,
+    schema: type[JsonBody],
+    resolve: Callable[[JsonBody | None], Target],
+) -> tuple[Target, list[Upload]]:
     kind = media_type(content_type)
     images: list[Upload]
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):

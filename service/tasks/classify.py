@@ -104,7 +104,7 @@ class ClassifyTask(Task):
                 rest.same_or_conflict("top_k", k, body.top_k),  # type: ignore[arg-type]
             )
 
-        (served, k_), images = rest.read_images(
+        (served, k_), images = await rest.read_images(
             inference, request.content_type, request.body, ClassifyJsonRequest, resolve
         )
         batch = await inference.decode(served, images)

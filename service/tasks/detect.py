@@ -104,7 +104,7 @@ class DetectTask(Task):
             chosen = thresholds(params, body)
             return inference.resolve(model, version, self.name), chosen  # type: ignore[arg-type]
 
-        (served, chosen), images = rest.read_images(
+        (served, chosen), images = await rest.read_images(
             inference, request.content_type, request.body, DetectJsonRequest, resolve
         )
         batch = await inference.decode(served, images)

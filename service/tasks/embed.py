@@ -71,7 +71,7 @@ class EmbedTask(Task):
 
     async def embed(self, inference: Inference, request: Request) -> Answer:
         params = rest.query(request.query_string)
-        served, images = rest.read_images(
+        served, images = await rest.read_images(
             inference,
             request.content_type,
             request.body,

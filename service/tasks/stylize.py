@@ -81,7 +81,7 @@ class StylizeTask(Task):
                 str(style) if style is not None else "0", served.spec.stylize.styles
             )
 
-        (served, weights), images = rest.read_images(
+        (served, weights), images = await rest.read_images(
             inference, request.content_type, request.body, StylizeJsonRequest, resolve
         )
         if len(images) != 1:
