@@ -374,6 +374,77 @@ def test_bytes_held_at_once_are_bounded_and_given_back():
     assert _call(limits, whole, declared=8_000)[0] == 200 and limits.held_bytes == 0
 
 
+def _pieces(
+    n: int,
+    size: int,
+    *,
+    active: list[int] | None = None,
+    pause_after: int = -1,
+    pause_s: float = 0.0,
+):
+    """An ASGI receive() sending `n` pieces of `size` bytes; `active` counts the receive()
+    calls in progress after the first piece (the bulk reads), its peak in active[1]."""
+    sent = 0
+
+    async def receive():
+        nonlocal sent
+        counted = active is not None and sent > 0
+        if counted:
+            active[0] += 1
+            active[1] = max(active[1], active[0])
+        try:
+            await asyncio.sleep(pause_s if sent == pause_after else 0.001)
+        finally:
+            if counted:
+                active[0] -= 1
+        sent += 1
+        return {"type": "http.request", "body": bytes([sent]) * size, "more_body": sent < n}
+
+    return receive
+
+
+def test_bulk_bodies_are_read_a_few_at_a_time_and_arrive_whole():
+    from convserve.service.admission import BULK_PIECE, BULK_READERS
+
+    limits = Admission(max_body_bytes=10**8, max_in_flight=64, max_held_bytes=10**9)
+    active = [0, 0]
+
+    async def main():
+        readers = [limits.read_body({"headers": []}, _pieces(6, BULK_PIECE, active=active))
+                   for _ in range(4 * BULK_READERS)]  # fmt: skip
+        return await asyncio.gather(*readers)
+
+    bodies = asyncio.run(main())
+    expected = b"".join(bytes([k]) * BULK_PIECE for k in range(1, 7))
+    assert all(body == expected for body in bodies)
+    assert active[1] == BULK_READERS  # never more bulk reads at once, and that many in turn
+    assert limits.held_bytes == len(expected) * len(bodies)
+
+
+def test_a_bulk_upload_that_pauses_gives_its_turn_to_the_others():
+    from convserve.service.admission import BULK_PIECE, BULK_READERS
+
+    limits = Admission(max_body_bytes=10**8, max_in_flight=64, max_held_bytes=10**9)
+    finished: dict[str, float] = {}
+
+    async def read(name: str, receive) -> None:
+        await limits.read_body({"headers": []}, receive)
+        finished[name] = time.monotonic()
+
+    async def main():
+        started = time.monotonic()
+        paused = [read(f"paused {i}", _pieces(3, BULK_PIECE, pause_after=1, pause_s=1.0))
+                  for i in range(BULK_READERS)]  # fmt: skip
+        await asyncio.gather(*paused, read("steady", _pieces(6, BULK_PIECE)))
+        return started
+
+    started = asyncio.run(main())
+    # Every turn was taken by an upload that then stopped sending for a second; the steady one
+    # still finished long before they did.
+    assert finished["steady"] - started < 0.5
+    assert min(t for name, t in finished.items() if name != "steady") - started >= 1.0
+
+
 # --- settings --------------------------------------------------------------------------------
 
 
