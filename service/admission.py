@@ -43,6 +43,7 @@ COUNTED_METHODS = {"POST", "PUT", "PATCH"}
 # average, is a slow upload: from then on it needs one of the pending-body places. A rate, not
 # a time alone: on a saturated server every body is read late, but then in large pieces.
 SLOW_AFTER_S = 1.0
+SLOW_BYTES_PER_S = 8 * 1024
 # Bulk bodies (a piece of BULK_PIECE bytes or more just came) are read at most BULK_READERS at a
 # time. Each read wakes its connection, and the event loop reads every woken connection's next
 # ~256 KiB in one pass: 300 clients uploading 1.6 MB each at once made passes of ~100 ms, and
@@ -52,7 +53,6 @@ SLOW_AFTER_S = 1.0
 BULK_PIECE = 64 * 1024
 BULK_READERS = 8
 BULK_TURN_S = 0.05
-SLOW_BYTES_PER_S = 8 * 1024
 CLOSE = {"Connection": "close"}
 
 
@@ -82,7 +82,9 @@ class Admission:
     in_flight: int = 0
     held_bytes: int = 0
     pending_bodies: int = 0
-    _bulk: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(BULK_READERS))
+    _bulk: asyncio.Semaphore = field(
+        init=False, repr=False, default_factory=lambda: asyncio.Semaphore(BULK_READERS)
+    )
 
     async def _next_piece(self, receive: Receive, bulk: bool) -> Message:
         """The body's next ASGI message; after a bulk piece, in turn with the other bulk

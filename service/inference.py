@@ -64,6 +64,9 @@ class Inference:
         the loop's turn stays short however many large requests arrive at once."""
         if size <= INLINE_BYTES:
             return work()
+        return await self._on_a_decode_thread(work)
+
+    async def _on_a_decode_thread(self, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.decoder, work)
 
     def check_count(self, n: int) -> None:
@@ -97,17 +100,19 @@ class Inference:
         requests are done inline: a thread hop costs more than a few small images. Requests
         with many or large images go to the decode threads whole, off the event loop, so probes
         and other requests flow."""
-        if sum(len(data) for _, data in images) > INLINE_BYTES:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.decoder, self._decode, served, images)
-        opened = self._checked(served, images)
-        if sum(img.width * img.height for _, img in opened) <= INLINE_PIXELS:
-            return decode_batch(opened, served.spec.input)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.decoder, decode_batch, opened, served.spec.input)
+        spec = served.spec.input
+        if sum(len(data) for _, data in images) > INLINE_BYTES:  # headers too: one hop
+            return await self._on_a_decode_thread(
+                lambda: decode_batch(self._checked(images)[0], spec)
+            )
+        opened, pixels = self._checked(images)
+        if pixels <= INLINE_PIXELS:
+            return decode_batch(opened, spec)
+        return await self._on_a_decode_thread(lambda: decode_batch(opened, spec))
 
-    def _checked(self, served: ServedModel, images: list[Upload]) -> list[tuple[str, Image.Image]]:
-        """Every image opened and within the request's pixel limit (else all closed)."""
+    def _checked(self, images: list[Upload]) -> tuple[list[tuple[str, Image.Image]], int]:
+        """Every image opened and within the request's pixel limit (else all closed), and
+        their pixels together."""
         opened = self._open(images)
         pixels = sum(img.width * img.height for _, img in opened)
         if pixels > self.settings.max_request_pixels:
@@ -118,10 +123,7 @@ class Inference:
                 f"the images hold {pixels} pixels together; at most "
                 f"{self.settings.max_request_pixels} per request",
             )
-        return opened
-
-    def _decode(self, served: ServedModel, images: list[Upload]) -> Batch:
-        return decode_batch(self._checked(served, images), served.spec.input)
+        return opened, pixels
 
     async def run(self, served: ServedModel, inputs: Rows) -> Rows:
         """N rows of `served`'s inputs -> its task runner's N rows, through its batcher."""

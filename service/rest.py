@@ -135,41 +135,33 @@ async def read_images(
     {data, filename} objects. The parameters are resolved before the images are read, so a
     request naming an unknown model is refused before its images cost anything. A large body
     is taken apart on a decode thread (`Inference.off_loop`)."""
-    return await inference.off_loop(
-        len(body), lambda: _read_images(inference, content_type, body, schema, resolve)
-    )
 
+    def read() -> tuple[Target, list[Upload]]:
+        kind = media_type(content_type)
+        images: list[Upload]
+        if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            target = resolve(None)
+            images = form_files(body, content_type or "", inference, ("images",))["images"]
+        elif kind.startswith("image/"):  # the image itself as the body (curl --data-binary)
+            target = resolve(None)
+            images = [(None, body)]
+        elif kind == "application/json":
+            request = parse_json(body, schema)
+            target = resolve(request)
+            items = request.images  # type: ignore[attr-defined]
+            inference.check_count(len(items))
+            images = [
+                (None, decode_base64(it, f"images[{n}]"))
+                if isinstance(it, str)
+                else (it.filename, decode_base64(it.data, f"images[{n}]"))
+                for n, it in enumerate(items)
+            ]
+        else:
+            raise InvalidInput("unsupported_media_type", UNSUPPORTED)
+        inference.check_count(len(images))
+        return target, images
 
-def _read_images(
-    inference: Inference,
-    content_type: str | None,
-    body: bytes,
-    schema: type[JsonBody],
-    resolve: Callable[[JsonBody | None], Target],
-) -> tuple[Target, list[Upload]]:
-    kind = media_type(content_type)
-    images: list[Upload]
-    if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        target = resolve(None)
-        images = form_files(body, content_type or "", inference, ("images",))["images"]
-    elif kind.startswith("image/"):  # the image itself as the body (curl --data-binary)
-        target = resolve(None)
-        images = [(None, body)]
-    elif kind == "application/json":
-        request = parse_json(body, schema)
-        target = resolve(request)
-        items = request.images  # type: ignore[attr-defined]
-        inference.check_count(len(items))
-        images = [
-            (None, decode_base64(it, f"images[{n}]"))
-            if isinstance(it, str)
-            else (it.filename, decode_base64(it.data, f"images[{n}]"))
-            for n, it in enumerate(items)
-        ]
-    else:
-        raise InvalidInput("unsupported_media_type", UNSUPPORTED)
-    inference.check_count(len(images))
-    return target, images
+    return await inference.off_loop(len(body), read)
 
 
 async def plain(request: Request) -> TaskRequest:
