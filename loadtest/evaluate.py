@@ -10,8 +10,9 @@ detect  the 2,000 test scenes (garments of the test split only) as PNG uploads t
         mAP@0.5 (all-points) and COCO mAP@0.5:0.95 against the true boxes.
 verify  pairs of test images of the classes the network never saw (Sneaker, Bag, Ankle boot),
         half the same class, half not, each pair one POST /verify; ROC-AUC of the distance,
-        accuracy of the server's own same/different at its threshold; and the same on seen
-        classes for contrast.
+        accuracy of the server's own same/different at its threshold, ROC-AUC per kind of
+        pair (two bags against a sneaker and a boot, ...) and their distances drawn
+        (DIR/distances.png beside the JSON); and the same on seen classes for contrast.
 stylize three of scikit-image's photos in six styles and one blend through /stylize, drawn
         as one picture (DIR/styles.png beside the JSON), and the time of one request at 256,
         512 and 1024 px (the median of 3, one at a time).
@@ -35,7 +36,7 @@ from tqdm import tqdm
 from convserve.models.data import TEST_SCENES, load_fashion_mnist, load_scenes
 from convserve.spec import FASHION_MNIST_LABELS
 from convserve.tasks.detect import Detections, mean_average_precision
-from convserve.tasks.embed import roc_auc, verification_pairs
+from convserve.tasks.embed import roc_auc, roc_auc_by_kind, verification_pairs
 
 UNSEEN, SEEN = (7, 8, 9), (0, 1, 2, 3, 4, 5, 6)
 
@@ -86,9 +87,11 @@ def evaluate_detect(url: str, model: str | None, scenes: int, workers: int) -> d
     }
 
 
-def evaluate_verify(url: str, model: str | None, pairs: int, workers: int) -> dict:
+def evaluate_verify(
+    url: str, model: str | None, pairs: int, workers: int, out: Path | None
+) -> dict:
     test = load_fashion_mnist("test")
-    out: dict = {}
+    result: dict = {}
     for name, classes in (("unseen", UNSEEN), ("seen", SEEN)):
         idx = np.flatnonzero(np.isin(test.labels, classes))
         chosen, same = verification_pairs(test.labels[idx], pairs, seed=2)
@@ -96,7 +99,7 @@ def evaluate_verify(url: str, model: str | None, pairs: int, workers: int) -> di
 
         def one(
             pair: np.ndarray, idx: np.ndarray = idx, params: dict = params
-        ) -> tuple[float, bool]:
+        ) -> tuple[float, bool, float]:
             a, b = (_png(test.images[idx[k]]) for k in pair)
             resp = httpx.post(
                 f"{url}/verify",
@@ -106,7 +109,7 @@ def evaluate_verify(url: str, model: str | None, pairs: int, workers: int) -> di
             )
             resp.raise_for_status()
             answer = resp.json()
-            return answer["distance"], answer["same"]
+            return answer["distance"], answer["same"], answer["threshold"]
 
         with ThreadPoolExecutor(workers) as pool:
             answers = list(
@@ -118,14 +121,29 @@ def evaluate_verify(url: str, model: str | None, pairs: int, workers: int) -> di
                     disable=None,
                 )
             )
-        distances = np.array([d for d, _ in answers])
-        said = np.array([s for _, s in answers])
-        out[name] = {
+        distances = np.array([d for d, _, _ in answers])
+        said = np.array([s for _, s, _ in answers])
+        result[name] = {
             "pairs": len(chosen),
             "roc_auc": roc_auc(-distances, same),
             "accuracy_at_threshold": float((said == same).mean()),
         }
-    return out
+        if name == "unseen":  # where the unseen classes are confused: 3 x 3 kinds of pair
+            pair_classes = test.labels[idx][chosen]  # P x 2
+            names = {c: FASHION_MNIST_LABELS[c] for c in pair_classes.flatten().tolist()}
+            table = roc_auc_by_kind(distances, pair_classes, names)
+            result[name]["roc_auc_by_kind"] = {  # null where too few pairs had that kind
+                same: {kind: None if np.isnan(v) else v for kind, v in row.items()}
+                for same, row in table.items()
+            }
+            if out is not None:
+                from convserve.models.plots import plot_pair_distances
+
+                plot_pair_distances(
+                    distances, pair_classes, names, answers[0][2], out.parent / "distances.png",
+                    "Unseen test pairs through POST /verify: distance per kind of pair",
+                )  # fmt: skip
+    return result
 
 
 STYLE_PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png")
@@ -193,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "detect":
         result = evaluate_detect(url, args.model, args.scenes, args.workers)
     elif args.what == "verify":
-        result = evaluate_verify(url, args.model, args.pairs, args.workers)
+        out = Path(args.out) if args.out else None
+        result = evaluate_verify(url, args.model, args.pairs, args.workers, out)
     else:
         result = evaluate_stylize(url, args.model, Path(args.out) if args.out else None)
     text = json.dumps(result, indent=2)

@@ -149,3 +149,35 @@ def plot_embeddings(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_pair_distances(
+    distances: np.ndarray, labels: np.ndarray, names: dict[int, str], tau: float, path: Path,
+    title: str,
+) -> None:  # fmt: skip
+    """Histograms of the squared distance per kind of pair (labels: P x 2 classes): same-class
+    pairs solid, different-class pairs dashed, the threshold tau as a vertical line. Where a
+    same kind's histogram reaches into a different kind's, the verifier confuses them."""
+    a, b = np.minimum(labels[:, 0], labels[:, 1]), np.maximum(labels[:, 0], labels[:, 1])
+    classes = sorted(int(c) for c in np.unique(labels))
+    bins = np.linspace(0, max(float(distances.max()), tau) * 1.02, 41).tolist()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    cmap = plt.get_cmap("tab10")
+    kinds = [(s, s) for s in classes]
+    kinds += [(p, q) for i, p in enumerate(classes) for q in classes[i + 1 :]]
+    for k, (p, q) in enumerate(kinds):
+        mine = (a == p) & (b == q)
+        if not mine.any():
+            continue
+        label = f"{names[p]} / {names[p]}" if p == q else f"{names[p]} / {names[q]}"
+        ax.hist(
+            distances[mine], bins=bins, histtype="step", density=True, lw=1.6,
+            ls="-" if p == q else "--", color=cmap(k), label=label,
+        )  # fmt: skip
+    ax.axvline(tau, color="black", lw=1, label=f"τ = {tau:.3f}")
+    ax.set(xlabel="squared distance ‖f(a) − f(b)‖²", ylabel="density", title=title)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -277,6 +277,25 @@ def test_the_verify_command_prints_the_verdict(server, fashion_test, tmp_path):
     assert refused.returncode == 2 and "no such file" in refused.stderr
 
 
+def test_the_served_evaluation_measures_each_kind_of_unseen_pair_and_draws_them(server, tmp_path):
+    out = tmp_path / "served.json"
+    cmd = [sys.executable, "-m", "convserve.loadtest.evaluate", "verify", "--url", server,
+           "--pairs", "300", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["unseen"]["pairs"] == result["seen"]["pairs"] == 300
+    # A short-trained verifier still tells most unseen pairs apart, bags from shoes best.
+    assert result["unseen"]["roc_auc"] > 0.6 and result["seen"]["roc_auc"] > 0.6
+    table = result["unseen"]["roc_auc_by_kind"]
+    assert set(table) == {"Sneaker", "Bag", "Ankle boot"}
+    kinds = {"Sneaker / Bag", "Sneaker / Ankle boot", "Bag / Ankle boot"}
+    assert all(set(row) == kinds and all(0 <= v <= 1 for v in row.values())
+               for row in table.values())  # fmt: skip
+    assert table["Sneaker"]["Sneaker / Bag"] > 0.8
+    assert (tmp_path / "distances.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_verify_refuses_anything_but_two_images(client, fashion_test):
     one = png(fashion_test.images[0])
     b64 = base64.b64encode(one).decode()

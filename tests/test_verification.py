@@ -29,6 +29,7 @@ from convserve.tasks.embed import (
     one_shot_accuracy,
     pairwise_squared_distances,
     roc_auc,
+    roc_auc_by_kind,
     unit,
 )
 from convserve.tasks.stylize import style_weights, to_png
@@ -118,6 +119,19 @@ def test_roc_auc_and_the_threshold_of_hand_worked_scores():
     d = np.array([0.1, 0.2, 0.9, 1.5])
     tau, accuracy = best_threshold(d, np.array([True, True, False, False]))
     assert math.isclose(tau, 0.55) and accuracy == 1.0
+
+
+def test_roc_auc_by_kind_isolates_each_same_class_against_each_class_pair():
+    # Same pairs of A at 0.1 and 0.3, of B at 0.9; different pairs A/B at 0.5, A/C at 0.2,
+    # B/C at 1.0 (the pair's order does not matter: (C, A) is an A/C pair).
+    d = np.array([0.1, 0.3, 0.9, 0.5, 0.2, 1.0])
+    labels = np.array([[0, 0], [0, 0], [1, 1], [1, 0], [2, 0], [1, 2]])
+    table = roc_auc_by_kind(d, labels, {0: "A", 1: "B", 2: "C"})
+    assert set(table) == {"A", "B", "C"} and set(table["A"]) == {"A / B", "A / C", "B / C"}
+    assert table["A"]["A / B"] == 1.0  # 0.1 and 0.3 both below 0.5
+    assert table["A"]["A / C"] == 0.5  # 0.1 below 0.2, 0.3 above it
+    assert table["B"]["A / B"] == 0.0 and table["B"]["B / C"] == 1.0
+    assert math.isnan(table["C"]["A / B"])  # no same pair of C
 
 
 def test_unit_vectors_and_distances():

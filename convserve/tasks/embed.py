@@ -44,6 +44,31 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def roc_auc_by_kind(
+    distances: np.ndarray, labels: np.ndarray, names: dict[int, str]
+) -> dict[str, dict[str, float]]:
+    """Where a verifier fails: ROC-AUC of the distance restricted to the same pairs of one
+    class against the different pairs of one class pair. labels: P x 2, each pair's two
+    classes. Answer[same][different], e.g. ["Bag"]["Sneaker / Ankle boot"]: the chance that
+    two bags are closer than a sneaker and an ankle boot. The overall ROC-AUC over balanced
+    pairs is close to the mean of these cells."""
+    d = np.asarray(distances, dtype=np.float64)
+    a, b = np.asarray(labels)[:, 0], np.asarray(labels)[:, 1]
+    classes = sorted(int(c) for c in np.unique(np.r_[a, b]))
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    table: dict[str, dict[str, float]] = {}
+    for s in classes:
+        same = (a == s) & (b == s)
+        row = {}
+        for i, p in enumerate(classes):
+            for q in classes[i + 1 :]:
+                different = (lo == p) & (hi == q)
+                chosen = same | different
+                row[f"{names[p]} / {names[q]}"] = roc_auc(-d[chosen], same[chosen])
+        table[names[s]] = row
+    return table
+
+
 def best_threshold(distances: np.ndarray, same: np.ndarray) -> tuple[float, float]:
     """The threshold tau on squared distances (same identity when d <= tau) with the highest
     accuracy on these pairs, and that accuracy; tau sits midway between two observed
