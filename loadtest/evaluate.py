@@ -97,9 +97,7 @@ def evaluate_verify(
         chosen, same = verification_pairs(test.labels[idx], pairs, seed=2)
         params = {"model": model} if model else {}
 
-        def one(
-            pair: np.ndarray, idx: np.ndarray = idx, params: dict = params
-        ) -> tuple[float, bool, float]:
+        def one(pair: np.ndarray, idx: np.ndarray = idx, params: dict = params) -> dict:
             a, b = (_png(test.images[idx[k]]) for k in pair)
             resp = httpx.post(
                 f"{url}/verify",
@@ -108,8 +106,7 @@ def evaluate_verify(
                 files=[("a", ("a.png", a)), ("b", ("b.png", b))],
             )
             resp.raise_for_status()
-            answer = resp.json()
-            return answer["distance"], answer["same"], answer["threshold"]
+            return resp.json()
 
         with ThreadPoolExecutor(workers) as pool:
             answers = list(
@@ -121,8 +118,8 @@ def evaluate_verify(
                     disable=None,
                 )
             )
-        distances = np.array([d for d, _, _ in answers])
-        said = np.array([s for _, s, _ in answers])
+        distances = np.array([answer["distance"] for answer in answers])
+        said = np.array([answer["same"] for answer in answers])
         result[name] = {
             "pairs": len(chosen),
             "roc_auc": roc_auc(-distances, same),
@@ -140,7 +137,8 @@ def evaluate_verify(
                 from convserve.models.plots import plot_pair_distances
 
                 plot_pair_distances(
-                    distances, pair_classes, names, answers[0][2], out.parent / "distances.png",
+                    distances, pair_classes, names, answers[0]["threshold"],
+                    out.parent / "distances.png",
                     "Unseen test pairs through POST /verify: distance per kind of pair",
                 )  # fmt: skip
     return result
@@ -206,18 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the summary here (JSON)")
     args = parser.parse_args(argv)
     url = args.url.rstrip("/")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else None
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
     if args.what == "detect":
         result = evaluate_detect(url, args.model, args.scenes, args.workers)
     elif args.what == "verify":
-        out = Path(args.out) if args.out else None
         result = evaluate_verify(url, args.model, args.pairs, args.workers, out)
     else:
-        result = evaluate_stylize(url, args.model, Path(args.out) if args.out else None)
+        result = evaluate_stylize(url, args.model, out)
     text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text)
+    if out:
+        out.write_text(text)
     print(text)
     return 0
 

@@ -11,6 +11,9 @@ matplotlib.use("Agg")  # no display on servers and CI
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from convserve.tasks.embed import of_kind, pair_kinds  # noqa: E402
 
 CURVE_KEYS = {"epoch", "elapsed_s", "train_loss", "test_loss"}
 
@@ -36,9 +39,7 @@ def plot_curves(history: Sequence[dict[str, float]], path: Path) -> None:
     for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_confusion(matrix: np.ndarray, labels: Sequence[str], path: Path, title: str) -> None:
@@ -61,9 +62,7 @@ def plot_confusion(matrix: np.ndarray, labels: Sequence[str], path: Path, title:
                 fontsize=7,
                 color="white" if rates[i, j] > 0.5 else "black",
             )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_runs(histories: dict[str, Sequence[dict[str, float]]], path: Path, title: str) -> None:
@@ -79,9 +78,7 @@ def plot_runs(histories: dict[str, Sequence[dict[str, float]]], path: Path, titl
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_detections(images, found, truths, labels: Sequence[str], path: Path, title: str) -> None:  # noqa: ANN001
@@ -110,9 +107,7 @@ def plot_detections(images, found, truths, labels: Sequence[str], path: Path, ti
                 bbox={"facecolor": "#f5a623", "pad": 0.5, "lw": 0},
             )
     fig.suptitle(title + "  (green: truth, orange: detected)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
 
 
 def plot_embeddings(
@@ -146,9 +141,7 @@ def plot_embeddings(
     ax.set(xlabel="first principal component", ylabel="second principal component", title=title)
     ax.legend(fontsize=7, markerscale=2)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_pair_distances(
@@ -158,26 +151,25 @@ def plot_pair_distances(
     """Histograms of the squared distance per kind of pair (labels: P x 2 classes): same-class
     pairs solid, different-class pairs dashed, the threshold tau as a vertical line. Where a
     same kind's histogram reaches into a different kind's, the verifier confuses them."""
-    a, b = np.minimum(labels[:, 0], labels[:, 1]), np.maximum(labels[:, 0], labels[:, 1])
-    classes = sorted(int(c) for c in np.unique(labels))
     bins = np.linspace(0, max(float(distances.max()), tau) * 1.02, 41).tolist()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     cmap = plt.get_cmap("tab10")
-    kinds = [(s, s) for s in classes]
-    kinds += [(p, q) for i, p in enumerate(classes) for q in classes[i + 1 :]]
-    for k, (p, q) in enumerate(kinds):
-        mine = (a == p) & (b == q)
+    for k, (p, q) in enumerate(pair_kinds(labels)):
+        mine = of_kind(labels, p, q)
         if not mine.any():
             continue
-        label = f"{names[p]} / {names[p]}" if p == q else f"{names[p]} / {names[q]}"
         ax.hist(
             distances[mine], bins=bins, histtype="step", density=True, lw=1.6,
-            ls="-" if p == q else "--", color=cmap(k), label=label,
+            ls="-" if p == q else "--", color=cmap(k), label=f"{names[p]} / {names[q]}",
         )  # fmt: skip
     ax.axvline(tau, color="black", lw=1, label=f"τ = {tau:.3f}")
     ax.set(xlabel="squared distance ‖f(a) − f(b)‖²", ylabel="density", title=title)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _save(fig: Figure, path: Path, dpi: int = 120) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)

@@ -44,6 +44,22 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def pair_kinds(labels: np.ndarray) -> list[tuple[int, int]]:
+    """The kinds of pair among P x 2 pair classes, as (p, q) with p <= q: the same kinds
+    (c, c) first, then the different ones, each in class order."""
+    classes = sorted(int(c) for c in np.unique(labels))
+    return [(c, c) for c in classes] + [
+        (p, q) for i, p in enumerate(classes) for q in classes[i + 1 :]
+    ]
+
+
+def of_kind(labels: np.ndarray, p: int, q: int) -> np.ndarray:
+    """P booleans: which pairs (P x 2 classes, in either order) are of kind (p, q), p <= q."""
+    labels = np.asarray(labels)
+    lo, hi = labels.min(axis=1), labels.max(axis=1)
+    return (lo == p) & (hi == q)
+
+
 def roc_auc_by_kind(
     distances: np.ndarray, labels: np.ndarray, names: dict[int, str]
 ) -> dict[str, dict[str, float]]:
@@ -53,18 +69,15 @@ def roc_auc_by_kind(
     two bags are closer than a sneaker and an ankle boot. The overall ROC-AUC over balanced
     pairs is close to the mean of these cells."""
     d = np.asarray(distances, dtype=np.float64)
-    a, b = np.asarray(labels)[:, 0], np.asarray(labels)[:, 1]
-    classes = sorted(int(c) for c in np.unique(np.r_[a, b]))
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    kinds = pair_kinds(labels)
+    different = [(p, q) for p, q in kinds if p != q]
     table: dict[str, dict[str, float]] = {}
-    for s in classes:
-        same = (a == s) & (b == s)
+    for s in (p for p, q in kinds if p == q):
+        same = of_kind(labels, s, s)
         row = {}
-        for i, p in enumerate(classes):
-            for q in classes[i + 1 :]:
-                different = (lo == p) & (hi == q)
-                chosen = same | different
-                row[f"{names[p]} / {names[q]}"] = roc_auc(-d[chosen], same[chosen])
+        for p, q in different:
+            chosen = same | of_kind(labels, p, q)
+            row[f"{names[p]} / {names[q]}"] = roc_auc(-d[chosen], same[chosen])
         table[names[s]] = row
     return table
 
