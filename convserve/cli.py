@@ -268,7 +268,8 @@ DETECTOR_TRAINING = [
     "3e-3",
 ]
 # Look-alike groups and the reconstruction cost keep within-class detail the class-only triplet
-# loss forgets: ROC-AUC on never-seen classes 0.87, from 0.81 (docs/model-zoo.md).
+# loss forgets (ROC-AUC on never-seen classes 0.87, from 0.81), and a second head trained on
+# classes split by shape keeps the shape cues the classes teach to ignore (docs/model-zoo.md).
 SIAMESE_TRAINING = [
     "--epochs",
     "3",
@@ -278,6 +279,8 @@ SIAMESE_TRAINING = [
     "2e-3",
     "--look-alikes",
     "20",
+    "--shapes",
+    "2",
     "--reconstruction",
     "1",
 ]

@@ -22,6 +22,13 @@ an unseen class needs. Two aids keep that (both optional, both from the seen tra
 only): *look-alike identities*, each seen class split into groups of similar images by k-means
 on the pixels, mined as identities beside the classes, and a *reconstruction cost*, a decoder
 (training-only, not exported) that rebuilds the image from its embedding.
+
+A class also teaches what does *not* matter, and that can be what an unseen class turns on:
+sandals, flat and high, are one class, so the class loss teaches that a shoe's height does not
+change its identity, the very cue between a sneaker and an ankle boot. Hence an optional second
+head, trained on *shape identities* (each seen class split in two by k-means on the
+silhouettes: flat sandals apart from high ones) where the first is trained on the classes; the
+embedding holds both, and its distance is their mean.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from convserve.models.data import load_fashion_mnist
+from convserve.models.embedding import head_parts
 from convserve.models.objectives import OBJECTIVES, Evaluation, Objective, Prepared, to_inputs
 from convserve.spec import (
     FASHION_MNIST_LABELS,
@@ -57,6 +65,8 @@ SEEN = (0, 1, 2, 3, 4, 5, 6)  # T-shirt/top, Trouser, Pullover, Dress, Coat, San
 UNSEEN = (7, 8, 9)  # Sneaker, Bag, Ankle boot: never in training
 VALIDATION = 500  # per seen class, held out of training: where tau is chosen
 GROUP_IMAGES = 4  # images of each look-alike group in a batch (P groups x K = 4)
+SILHOUETTE = 20  # a garment's pixels: above 20 of 255 (the background is 0, with faint noise)
+HEAD_DIM = 64  # each head's share of the embedding
 MARGIN = 0.2  # alpha, on squared distances between unit vectors (which lie in [0, 4])
 
 
@@ -69,19 +79,34 @@ def triplet_loss(
     return F.relu(d_ap - d_an + margin).mean()
 
 
-def look_alike_groups(images: np.ndarray, labels: np.ndarray, per_class: int) -> np.ndarray:
-    """Each class split into `per_class` groups of similar images (k-means on the pixels):
-    group ids c * per_class + k, so a group never spans two classes. images: N x H x W uint8."""
+def split_classes(
+    features: np.ndarray, labels: np.ndarray, per_class: int, max_iter: int = 25
+) -> np.ndarray:
+    """Each class split into `per_class` clusters of its images' features (k-means): ids
+    c * per_class + k, so a cluster never spans two classes. features: N x F."""
     from sklearn.cluster import KMeans
 
-    groups = np.zeros(len(labels), dtype=np.int64)
-    flat = images.reshape(len(images), -1).astype(np.float32) / 255.0  # N x H*W
+    ids = np.zeros(len(labels), dtype=np.int64)
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
         k = min(per_class, len(members))
-        kmeans = KMeans(n_clusters=k, n_init="auto", max_iter=25, random_state=0)
-        groups[members] = int(c) * per_class + np.asarray(kmeans.fit_predict(flat[members]))
-    return groups
+        kmeans = KMeans(n_clusters=k, n_init="auto", max_iter=max_iter, random_state=0)
+        ids[members] = int(c) * per_class + np.asarray(kmeans.fit_predict(features[members]))
+    return ids
+
+
+def look_alike_groups(images: np.ndarray, labels: np.ndarray, per_class: int) -> np.ndarray:
+    """Each class split into `per_class` groups of similar images (k-means on the pixels).
+    images: N x H x W uint8."""
+    flat = images.reshape(len(images), -1).astype(np.float32) / 255.0  # N x H*W
+    return split_classes(flat, labels, per_class)
+
+
+def shape_identities(images: np.ndarray, labels: np.ndarray, per_class: int) -> np.ndarray:
+    """Each class split into `per_class` shapes (k-means on the silhouettes, not the shades:
+    a flat sandal apart from a high one, whatever their print). images: N x H x W uint8."""
+    silhouettes = (images > SILHOUETTE).reshape(len(images), -1).astype(np.float32)  # N x H*W
+    return split_classes(silhouettes, labels, per_class, max_iter=50)
 
 
 def mine_triplets(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -129,20 +154,25 @@ class Verification(Objective):
         limit = config.test_limit
         unseen_test = np.flatnonzero(np.isin(test.labels, UNSEEN))[:limit]
         seen_test = np.flatnonzero(np.isin(test.labels, SEEN))[:limit]
-        labels = train.labels[fit]
-        groups = labels.astype(np.int64)  # one group per class: the classes alone
+        labels = train.labels[fit].astype(np.int64)
+        groups = labels  # one group per class: the classes alone
         if config.look_alikes:
             groups = look_alike_groups(train.images[fit], labels, config.look_alikes)
+        shapes = labels  # one shape per class: the classes alone
+        if config.shapes:
+            shapes = shape_identities(train.images[fit], labels, config.shapes)
+        heads = 2 if config.shapes else 1
         return Prepared(
             x_train=to_inputs(train.images[fit], spec),
-            # N x 2: the class, and the look-alike group within it (the class, without them)
-            y_train=torch.from_numpy(np.stack([labels.astype(np.int64), groups], axis=1)),
+            # N x 3: the class, its look-alike group and its shape (each the class, without)
+            y_train=torch.from_numpy(np.stack([labels, groups, shapes], axis=1)),
             x_test=to_inputs(train.images[val], spec),  # validation: picks epoch and tau
             y_test=torch.from_numpy(train.labels[val]),
             input_spec=spec,
             labels=(),
             model_kwargs={
-                "dim": model_kwargs.get("dim", 64),
+                "dim": model_kwargs.get("dim", HEAD_DIM * heads),
+                "heads": heads,
                 "grid": bool(model_kwargs.get("grid", True)),
                 "decoder": config.reconstruction > 0,
             },
@@ -190,17 +220,21 @@ class Verification(Objective):
             embeddings, rebuilt = trainer.trained(xb, reconstruct=True)
         else:
             embeddings, rebuilt = trainer.trained(xb), None
-        classes, groups = yb[:, 0].to(trainer.device), yb[:, 1].to(trainer.device)
-        a, p, n = mine_triplets(embeddings, classes)
-        loss = triplet_loss(embeddings[a], embeddings[p], embeddings[n])
-        if config.look_alikes:  # the same loss, with the look-alike groups as identities
-            ga, gp, gn = mine_triplets(embeddings, groups)
-            loss = loss + triplet_loss(embeddings[ga], embeddings[gp], embeddings[gn])
+        classes, groups, shapes = (yb[:, i].to(trainer.device) for i in range(3))
+        # Each head's identities: the classes for the first, the shapes for the second; the
+        # look-alike groups for both.
+        heads = head_parts(embeddings, 2 if config.shapes else 1)
+        levels = [(heads[0], classes)] + [(heads[-1], shapes)] * bool(config.shapes)
+        if config.look_alikes:
+            levels += [(head, groups) for head in heads]
+        loss = sum(_mined_loss(head, identities) for head, identities in levels)
         if rebuilt is not None:  # the clean image, from the augmented view's embedding
             loss = loss + config.reconstruction * F.mse_loss(rebuilt.float(), clean)
         with torch.no_grad():  # how many class triplets already hold their margin
-            d_ap = (embeddings[a] - embeddings[p]).pow(2).sum(1)
-            d_an = (embeddings[a] - embeddings[n]).pow(2).sum(1)
+            e = heads[0]
+            a, p, n = mine_triplets(e, classes)
+            d_ap = (e[a] - e[p]).pow(2).sum(1)
+            d_an = (e[a] - e[n]).pow(2).sum(1)
         return loss, int((d_ap + MARGIN <= d_an).sum())
 
     def evaluate(self, model: torch.nn.Module, data: Prepared, device: torch.device) -> Evaluation:
@@ -246,6 +280,11 @@ class Verification(Objective):
             out / "embeddings.png",
             f"{model}: test embeddings (validation AUC {score:.3f})",
         )
+
+
+def _mined_loss(embeddings: torch.Tensor, identities: torch.Tensor) -> torch.Tensor:
+    a, p, n = mine_triplets(embeddings, identities)
+    return triplet_loss(embeddings[a], embeddings[p], embeddings[n])
 
 
 def _embed(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> np.ndarray:

@@ -96,6 +96,14 @@ class TrainConfig:
             metavar="N",
         ),
     )
+    shapes: int = field(
+        default=0,
+        metadata=_opt(
+            "verification: a second embedding head whose identities are each class split into N "
+            "shapes (k-means on silhouettes)",
+            metavar="N",
+        ),
+    )
     reconstruction: float = field(
         default=0.0,
         metadata=_opt(

@@ -231,6 +231,7 @@ def siamese_run() -> Path:
                 test_limit=1500,
                 epochs=2,
                 look_alikes=20,
+                shapes=2,
                 reconstruction=1.0,
                 batch_size=140,
                 lr=2e-3,

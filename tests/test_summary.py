@@ -56,7 +56,7 @@ def test_summary_covers_every_model(name: str):
 
 
 @pytest.mark.parametrize(
-    ("name", "size", "last"), [("yolo_fashion", 128, 8 * 8 * 3 * 15), ("siamese_fashion", 28, 64)]
+    ("name", "size", "last"), [("yolo_fashion", 128, 8 * 8 * 3 * 15), ("siamese_fashion", 28, 128)]
 )
 def test_summary_covers_the_detector_and_the_embedding_network(name: str, size: int, last: int):
     rows = summarize(models.create_model(name), in_channels=1, input_size=size)

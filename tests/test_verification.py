@@ -13,13 +13,14 @@ import torch
 from PIL import Image
 
 from convserve.errors import InvalidInput
-from convserve.models.embedding import EmbeddingNet
+from convserve.models.embedding import EmbeddingNet, head_parts
 from convserve.models.objectives import Prepared
 from convserve.models.siamese import (
     GROUP_IMAGES,
     Verification,
     look_alike_groups,
     mine_triplets,
+    shape_identities,
     triplet_loss,
 )
 from convserve.models.style import content_cost, gram, layer_style_cost, style_cost
@@ -79,6 +80,27 @@ def test_look_alike_groups_split_a_class_by_looks_and_never_span_two():
     assert set(groups[60:]) <= {10, 11}
 
 
+def test_shape_identities_split_a_class_by_silhouette_not_by_shade():
+    rng = np.random.default_rng(0)
+    # Class 5: low shoes (the bottom rows) and high ones (and the right columns), half of each
+    # dark and half bright. Pixels split them by shade; the shapes must split them by height.
+    shade = np.repeat([[30, 60], [200, 255]], 20, axis=0)  # 40 x 2: dark, then bright
+    low = np.zeros((40, 8, 8), dtype=np.int64)
+    high = np.zeros((40, 8, 8), dtype=np.int64)
+    for i, (lo, hi) in enumerate(shade):
+        low[i, 5:, :] = rng.integers(lo, hi, (3, 8))
+        high[i, 5:, :] = rng.integers(lo, hi, (3, 8))
+        high[i, :5, 5:] = rng.integers(lo, hi, (5, 3))
+    images = np.concatenate([low, high]).astype(np.uint8)
+    labels = np.full(80, 5)
+    shapes = shape_identities(images, labels, per_class=2)
+    assert set(shapes) <= {10, 11}  # shape c * 2 + k lies in class c
+    assert len(set(shapes[:40])) == 1 and len(set(shapes[40:])) == 1
+    assert shapes[0] != shapes[40]  # low apart from high, dark and bright alike
+    by_pixels = look_alike_groups(images, labels, per_class=2)
+    assert by_pixels[0] != by_pixels[20]  # what the pixels split instead: the shade
+
+
 def test_look_alike_batches_hold_groups_of_four_with_positives_and_negatives():
     groups = np.repeat(np.arange(12), [1, 2, 3, 5, 8, 13, 1, 2, 3, 5, 8, 13])
     y = torch.from_numpy(np.stack([groups // 6, groups], axis=1))
@@ -108,6 +130,25 @@ def test_the_exported_embedder_leaves_the_decoder_behind_and_matches_the_network
     assert torch.allclose(e.norm(dim=1), torch.ones(3))
     with pytest.raises(ValueError):
         EmbeddingNet()(x, reconstruct=True)  # no decoder, nothing to rebuild with
+
+
+def test_two_heads_are_each_unit_length_and_the_distance_is_their_mean():
+    torch.manual_seed(0)
+    net = EmbeddingNet(dim=128, heads=2).eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        e = net(x)  # 4 x 128
+        embedder, _ = net.for_export()
+        assert torch.allclose(embedder(x), e)
+    assert e.shape == (4, 128) and torch.allclose(e.norm(dim=1), torch.ones(4))
+    first, second = head_parts(e, 2)  # 4 x 64 each
+    assert torch.allclose(first.norm(dim=1), torch.ones(4))
+    assert torch.allclose(second.norm(dim=1), torch.ones(4))
+    d = (e[0] - e[1]).pow(2).sum()
+    d_heads = [(h[0] - h[1]).pow(2).sum() for h in (first, second)]
+    assert torch.isclose(d, (d_heads[0] + d_heads[1]) / 2)
+    with pytest.raises(ValueError):
+        EmbeddingNet(dim=65, heads=2)  # heads share the embedding equally
 
 
 def test_roc_auc_and_the_threshold_of_hand_worked_scores():
