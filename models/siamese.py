@@ -1,6 +1,6 @@
 """A Siamese embedding network for one-shot verification, trained with the triplet loss.
 
-The network maps an image x to f(x), a unit-length 64-d vector; two images are the same
+The network maps an image x to f(x), a unit-length vector; two images are the same
 identity when ||f(x1) - f(x2)||^2 <= tau. Training pulls an anchor towards a positive (same
 class) and pushes it from a negative (another class) until the gap is at least a margin:
 
