@@ -227,7 +227,7 @@ class Verification(Objective):
         levels = [(heads[0], classes)] + [(heads[-1], shapes)] * bool(config.shapes)
         if config.look_alikes:
             levels += [(head, groups) for head in heads]
-        loss = sum(_mined_loss(head, identities) for head, identities in levels)
+        loss = torch.stack([_mined_loss(head, ids) for head, ids in levels]).sum()
         if rebuilt is not None:  # the clean image, from the augmented view's embedding
             loss = loss + config.reconstruction * F.mse_loss(rebuilt.float(), clean)
         with torch.no_grad():  # how many class triplets already hold their margin

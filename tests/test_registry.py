@@ -69,7 +69,8 @@ def test_embedding_networks_give_unit_vectors(name: str):
     model = models.create_model(name).eval()
     with torch.no_grad():
         out = model(torch.randn(5, 1, 28, 28))
-    assert out.shape == (5, 64) and torch.allclose(out.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert out.shape == (5, model.dim)
+    assert torch.allclose(out.norm(dim=1), torch.ones(5), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)

@@ -240,12 +240,15 @@ def test_the_detect_command_prints_the_boxes(server, scenes, tmp_path):
 # --- embeddings and verification ----------------------------------------------------------------
 
 
-def test_embeddings_are_unit_length_and_identical_images_have_distance_zero(client, fashion_test):
+def test_embeddings_are_unit_length_and_identical_images_have_distance_zero(
+    client, fashion_test, siamese_stored
+):
     files = [("images", (f"{i}.png", png(fashion_test.images[i]))) for i in range(3)]
     resp = client.post("/embed", files=files)
     assert resp.status_code == 200, resp.text
     vectors = np.array([r["embedding"] for r in resp.json()["results"]])
-    assert vectors.shape == (3, 64) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    assert vectors.shape == (3, siamese_stored.spec.embed.dim)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     same = png(fashion_test.images[0])
     answer = client.post("/verify", files=[("a", ("a.png", same)), ("b", ("b.png", same))]).json()
     assert answer["distance"] == pytest.approx(0.0, abs=1e-9) and answer["same"] is True
