@@ -161,7 +161,7 @@ class Verification(Objective):
         shapes = labels  # one shape per class: the classes alone
         if config.shapes:
             shapes = shape_identities(train.images[fit], labels, config.shapes)
-        heads = 2 if config.shapes else 1
+        heads = head_count(config)
         return Prepared(
             x_train=to_inputs(train.images[fit], spec),
             # N x 3: the class, its look-alike group and its shape (each the class, without)
@@ -222,17 +222,19 @@ class Verification(Objective):
             embeddings, rebuilt = trainer.trained(xb), None
         classes, groups, shapes = (yb[:, i].to(trainer.device) for i in range(3))
         # Each head's identities: the classes for the first, the shapes for the second; the
-        # look-alike groups for both.
-        heads = head_parts(embeddings, 2 if config.shapes else 1)
-        levels = [(heads[0], classes)] + [(heads[-1], shapes)] * bool(config.shapes)
+        # look-alike groups for both. The class triplets are mined once: the loss and the
+        # count of those holding their margin share them.
+        heads = head_parts(embeddings, head_count(config))
+        e = heads[0]
+        a, p, n = mine_triplets(e, classes)
+        levels = [(heads[-1], shapes)] * bool(config.shapes)
         if config.look_alikes:
             levels += [(head, groups) for head in heads]
-        loss = torch.stack([_mined_loss(head, ids) for head, ids in levels]).sum()
+        terms = [triplet_loss(e[a], e[p], e[n])] + [_mined_loss(h, ids) for h, ids in levels]
+        loss = torch.stack(terms).sum()
         if rebuilt is not None:  # the clean image, from the augmented view's embedding
             loss = loss + config.reconstruction * F.mse_loss(rebuilt.float(), clean)
         with torch.no_grad():  # how many class triplets already hold their margin
-            e = heads[0]
-            a, p, n = mine_triplets(e, classes)
             d_ap = (e[a] - e[p]).pow(2).sum(1)
             d_an = (e[a] - e[n]).pow(2).sum(1)
         return loss, int((d_ap + MARGIN <= d_an).sum())
@@ -280,6 +282,11 @@ class Verification(Objective):
             out / "embeddings.png",
             f"{model}: test embeddings (validation AUC {score:.3f})",
         )
+
+
+def head_count(config: TrainConfig) -> int:
+    """The embedding's heads: the classes', and a second on shapes when classes are split."""
+    return 2 if config.shapes else 1
 
 
 def _mined_loss(embeddings: torch.Tensor, identities: torch.Tensor) -> torch.Tensor:
