@@ -55,7 +55,8 @@ Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 class InputSpec(BaseModel):
     """The preprocessing recipe: any image -> one input of the model.
 
-    Steps, in order: decode; EXIF orientation, alpha on black, 16-bit to 8-bit; convert to the
+    Steps, in order: decode (at a reduced size when the resize shrinks the image anyway and
+    `reduced_decode` is on); EXIF orientation, alpha on black, 16-bit to 8-bit; convert to the
     model's channels (grey, or RGB reordered to `channel_order`); resize as `resize` says to
     `height` x `width`; x = pixel / `scale`, then (x - mean) / std per channel (unless `dtype`
     is uint8: the model takes the pixels themselves); lay out as `layout`.
@@ -98,6 +99,14 @@ class InputSpec(BaseModel):
     )
     multiple_of: int = Field(
         default=1, ge=1, description="none: sides are reflect-padded up to a multiple of this"
+    )
+    reduced_decode: bool = Field(
+        default=True,
+        description="when the resize shrinks a large upload anyway, decode it at a reduced "
+        "size first: a JPEG at the smallest DCT scale (1/2, 1/4 or 1/8) that still leaves "
+        "twice the resize's size on both sides, other formats box-reduced by a whole factor "
+        "to the same bound; the recipe's own resampling then starts from there. False: every "
+        "upload is decoded in full",
     )
 
     @model_validator(mode="after")
@@ -147,7 +156,8 @@ class InputSpec(BaseModel):
         values = "pixels 0..255" if self.dtype == "uint8" else f"x/{self.scale:g}, mean/std"
         grey = self.channels == 1
         colour = "grey" if grey else self.channel_order.upper()
-        return f"{how}, {self.interpolation}, {colour}, {values}, {self.layout.upper()}"
+        decode = "reduced decode" if self.reduced_decode else "full decode"
+        return f"{how}, {self.interpolation}, {colour}, {values}, {self.layout.upper()}, {decode}"
 
 
 class DetectSpec(BaseModel):

@@ -217,6 +217,40 @@ def load_photos(
     return np.stack(images)
 
 
+# Phone-camera uploads: 12 MP (4000 x 3000), sensor grain, JPEG quality 90, about 1.9 MB each.
+PHONE_SIZE = (4000, 3000)
+PHONE_PHOTOS: tuple[str, ...] = PHOTOS[:6]
+
+
+def phone_photos(
+    size: tuple[int, int] = PHONE_SIZE,
+    names: tuple[str, ...] = PHONE_PHOTOS,
+    *,
+    grain: float = 3.0,
+    quality: int = 90,
+    seed: int = 0,
+) -> list[bytes]:
+    """scikit-image's colour photos as a phone camera uploads them: scaled to `size` (width x
+    height, bicubic) with Gaussian sensor grain of `grain` levels, encoded as JPEG. Made, never
+    stored: the same seed gives the same bytes."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in names:
+        with Image.open(photos_dir() / name) as img:
+            big = img.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        # Luminance grain, one value a pixel for all three channels: H x W x 1 (int16 headroom).
+        noise = rng.normal(0.0, grain, (size[1], size[0], 1)).astype(np.int16)
+        pixels = np.clip(np.asarray(big, np.int16) + noise, 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out
+
+
 def load_split(
     dataset: str,
     split: Split,

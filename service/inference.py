@@ -8,6 +8,7 @@ own request, never another client's. Errors are domain errors; each protocol ren
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,11 +18,12 @@ from PIL import Image
 from starlette.requests import Request
 
 from convserve.errors import InvalidInput
-from convserve.preprocess import Batch, ImageLimits, decode_batch, open_image
+from convserve.preprocess import Batch, ImageLimits, decode_batch, decoded_size, open_image
 from convserve.service.pool import ModelPool, ServedModel
 from convserve.service.settings import ServiceSettings
 from convserve.service.task import Rows
 from convserve.service.threads import yield_to_the_loop
+from convserve.spec import InputSpec
 
 Upload = tuple[str | None, bytes]  # (filename, encoded image)
 T = TypeVar("T")
@@ -50,6 +52,7 @@ class Inference:
             max_pixels=settings.max_image_pixels,
             min_side=settings.min_image_side,
             max_aspect_ratio=settings.max_aspect_ratio,
+            max_declared_pixels=settings.max_reduced_image_pixels,
         )
         threads = settings.decode_threads
         decoder = ThreadPoolExecutor(threads, "decode", initializer=yield_to_the_loop)
@@ -78,14 +81,14 @@ class Inference:
         if n == 0:
             raise InvalidInput("invalid_request", "images: at least one image is required")
 
-    def _open(self, images: list[Upload]) -> list[tuple[str, Image.Image]]:
-        """Every image opened (headers read, limits checked); on the first refusal, the ones
-        already opened are closed."""
+    def _open(self, images: list[Upload], spec: InputSpec) -> list[tuple[str, Image.Image]]:
+        """Every image opened (headers read, limits checked on the size each is decoded at for
+        `spec`); on the first refusal, the ones already opened are closed."""
         opened: list[tuple[str, Image.Image]] = []
         try:
             for i, (filename, data) in enumerate(images):
                 name = f"image {i + 1}" + (f" ({filename})" if filename else "")
-                opened.append((name, open_image(data, self.limits, name=name)))
+                opened.append((name, open_image(data, self.limits, name=name, spec=spec)))
         except BaseException:
             for _, img in opened:
                 img.close()
@@ -103,24 +106,26 @@ class Inference:
         spec = served.spec.input
         if sum(len(data) for _, data in images) > INLINE_BYTES:  # headers too: one hop
             return await self._on_a_decode_thread(
-                lambda: decode_batch(self._checked(images)[0], spec)
+                lambda: decode_batch(self._checked(images, spec)[0], spec)
             )
-        opened, pixels = self._checked(images)
+        opened, pixels = self._checked(images, spec)
         if pixels <= INLINE_PIXELS:
             return decode_batch(opened, spec)
         return await self._on_a_decode_thread(lambda: decode_batch(opened, spec))
 
-    def _checked(self, images: list[Upload]) -> tuple[list[tuple[str, Image.Image]], int]:
+    def _checked(
+        self, images: list[Upload], spec: InputSpec
+    ) -> tuple[list[tuple[str, Image.Image]], int]:
         """Every image opened and within the request's pixel limit (else all closed), and
-        their pixels together."""
-        opened = self._open(images)
-        pixels = sum(img.width * img.height for _, img in opened)
+        the pixels they are decoded at together."""
+        opened = self._open(images, spec)
+        pixels = sum(math.prod(decoded_size(img, spec)) for _, img in opened)
         if pixels > self.settings.max_request_pixels:
             for _, img in opened:
                 img.close()
             raise InvalidInput(
                 "too_many_pixels",
-                f"the images hold {pixels} pixels together; at most "
+                f"the images decode to {pixels} pixels together; at most "
                 f"{self.settings.max_request_pixels} per request",
             )
         return opened, pixels

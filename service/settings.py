@@ -21,6 +21,8 @@ from pydantic_settings import (
 
 from convserve.defaults import DEFAULT_MODELS
 
+ALL_MODELS = "*"  # CONVSERVE_MODELS: every model the store holds
+
 CONFIG_FILE_ENV = "CONVSERVE_CONFIG_FILE"
 
 # Short names a user may write, and the ONNX Runtime providers they stand for.
@@ -53,7 +55,8 @@ class ServiceSettings(BaseSettings):
     models: CommaList = Field(
         default=list(DEFAULT_MODELS),
         min_length=1,
-        description="model store tags to serve, comma-separated; the first is the default model",
+        description="model store tags to serve, comma-separated; the first is the default "
+        "model. `*`: every model in the store, its latest version, in name order",
     )
     workers: int = Field(
         default=1,
@@ -100,7 +103,10 @@ class ServiceSettings(BaseSettings):
         default=2048, ge=1, description="images waiting for or in inference, per model; more: 503"
     )
     max_body_bytes: int = Field(
-        default=10 * 1024 * 1024, ge=1024, description="request body limit in bytes; larger: 413"
+        default=32 * 1024 * 1024,
+        ge=1024,
+        description="request body limit in bytes; larger: 413. The default admits a 48-50 MP "
+        "phone photo (10-20 MB as JPEG)",
     )
     max_held_bytes: int = Field(
         default=256 * 1024 * 1024,
@@ -119,8 +125,9 @@ class ServiceSettings(BaseSettings):
     max_request_pixels: int = Field(
         default=100_000_000,
         ge=1,
-        description="width x height summed over a request's images, checked from their "
-        "headers before any pixel is decoded; more: 413",
+        description="pixels decoded, summed over a request's images, checked from their "
+        "headers before any pixel is decoded (a JPEG decoded reduced counts at that size); "
+        "more: 413",
     )
     drain_s: float = Field(
         default=5.0,
@@ -135,7 +142,15 @@ class ServiceSettings(BaseSettings):
     max_image_pixels: int = Field(
         default=25_000_000,
         ge=1,
-        description="width x height cap, checked before pixels are decoded",
+        description="pixels decoded of one image, checked from its header before any pixel is "
+        "decoded: width x height, or for a JPEG the model's recipe decodes reduced (1/2, 1/4 "
+        "or 1/8 of each side) the reduced size",
+    )
+    max_reduced_image_pixels: int = Field(
+        default=70_000_000,
+        ge=1,
+        description="width x height a JPEG decoded reduced may declare (a 48-50 MP phone "
+        "photo, or 64 MP, decodes at 1/8 to about 1 MP for a 224 px model)",
     )
     min_image_side: int = Field(
         default=8, ge=1, description="shortest accepted image side, in pixels"
@@ -214,6 +229,13 @@ class ServiceSettings(BaseSettings):
     @classmethod
     def _provider_names(cls, value: list[str]) -> list[str]:
         return [PROVIDER_ALIASES.get(p.lower(), p) for p in value]
+
+    @field_validator("models")
+    @classmethod
+    def _all_or_tags(cls, value: list[str]) -> list[str]:
+        if ALL_MODELS in value and value != [ALL_MODELS]:
+            raise ValueError(f"{ALL_MODELS} (every stored model) stands alone, not among tags")
+        return value
 
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> ServiceSettings:

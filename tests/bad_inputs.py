@@ -11,6 +11,7 @@ import zlib
 
 from PIL import Image
 
+BODY_LIMIT = 32 * 1024 * 1024  # CONVSERVE_MAX_BODY_BYTES's default
 INTERNALS = re.compile(r"Traceback|File \"|0x[0-9a-f]{6,}|(/[\w.-]+){2,}|site-packages")
 
 
@@ -135,7 +136,7 @@ def bad_requests(garment: bytes) -> dict[str, tuple[int, str, dict]]:
         "body over the limit": (
             413,
             "body_too_large",
-            {"files": [("images", ("a.png", b"\0" * (11 * 1024 * 1024)))]},
+            {"files": [("images", ("a.png", b"\0" * (BODY_LIMIT + 1)))]},
         ),
     }
     for name, data in foreign_formats().items():
