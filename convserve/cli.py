@@ -69,17 +69,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     values["model_kwargs"] = _model_args(values["model_kwargs"])
     values["out_dir"] = values["out_dir"] or f"runs/{args.model}"
     result = train(TrainConfig(**values))
-    m = result.metrics
-    if not m:  # a non-zero rank of a distributed run: rank 0 reports
-        return 0
-    # Each task's objective names its own summary figure (best_test_accuracy, best_map50, ...).
-    name, value = next((k, v) for k, v in m.items() if k.startswith("best_") and k != "best_epoch")
-    figure = f"{100 * value:.2f}%" if name.endswith("accuracy") else f"{value:.4f}"
-    print(
-        f"{name.removeprefix('best_').replace('_', ' ')} {figure} (best, epoch {m['best_epoch']}) "
-        f"in {m['train_time_s']:.0f} s; checkpoint {result.checkpoint}"
-    )
+    if result.metrics:  # empty on a non-zero rank of a distributed run: rank 0 reports
+        print(train_summary(result.metrics, result.checkpoint))
     return 0
+
+
+def train_summary(m: dict, checkpoint: object) -> str:
+    """The line `convserve train` ends with. Each task's objective names its own summary figure
+    (best_test_accuracy, best_map50, ...); without one, the time and checkpoint alone."""
+    figures = ((k, v) for k, v in m.items() if k.startswith("best_") and k != "best_epoch")
+    found = next(figures, None)
+    summary = ""
+    if found is not None:
+        name, value = found
+        figure = f"{100 * value:.2f}%" if name.endswith("accuracy") else f"{value:.4f}"
+        summary = f"{name.removeprefix('best_').replace('_', ' ')} {figure} (best, epoch "
+        summary += f"{m['best_epoch']}) "
+    return f"{summary}in {m['train_time_s']:.0f} s; checkpoint {checkpoint}"
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -164,6 +170,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
         scale=args.scale,
         channel_order=args.channel_order,
         interpolation=args.interpolation,
+        reduced_decode=not args.full_decode,
         output=args.output,
         samples=Path(args.samples) if args.samples else None,
         threshold=args.threshold,
@@ -449,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel-order", choices=["rgb", "bgr"], default="rgb")
     p.add_argument(
         "--interpolation", choices=["nearest", "bilinear", "bicubic", "lanczos"], default="bilinear"
+    )
+    p.add_argument(
+        "--full-decode",
+        action="store_true",
+        help="decode every upload in full (default: a large JPEG is decoded at 1/2, 1/4 or 1/8 "
+        "scale when the resize shrinks it anyway, still leaving twice the resize's size)",
     )
     p.add_argument(
         "--output",

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import ValidationError
 
 from convserve.models.data import IMAGE_SUFFIXES, PHOTO_SIZE, load_photos
 from convserve.preprocess import from_pixels
@@ -62,6 +63,7 @@ class ImportOptions:
     scale: float = 255.0
     channel_order: str = "rgb"
     interpolation: str = "bilinear"
+    reduced_decode: bool = True  # large uploads decoded at a reduced size (InputSpec's field)
     output: Literal["logits", "probabilities"] = "logits"
     samples: Path | None = None
     threshold: float | None = None  # embed: tau
@@ -220,6 +222,7 @@ def recipe(options: ImportOptions, image: ImageInput) -> InputSpec:
     common: dict[str, Any] = {
         "channels": image.channels, "mean": mean, "std": std, "scale": options.scale,
         "interpolation": options.interpolation, "layout": options.layout, "dtype": image.dtype,
+        "reduced_decode": options.reduced_decode,
         "channel_order": options.channel_order if image.channels == 3 else "rgb",
     }  # fmt: skip
     if options.task == "stylize":
@@ -370,8 +373,15 @@ def import_model(path: str | Path, options: ImportOptions) -> StoredModel:
         parts["stylize"] = _stylize_spec(session)
     if options.task == "embed":
         dim = _dim(session.get_outputs()[0].shape[1]) or 1
-        parts["embed"] = EmbedSpec(dim=dim, threshold=options.threshold or 0.0,
-                                   output=session.get_outputs()[0].name)  # fmt: skip
+        try:
+            parts["embed"] = EmbedSpec(dim=dim, threshold=options.threshold or 0.0,
+                                       output=session.get_outputs()[0].name)  # fmt: skip
+        except ValidationError as exc:
+            problem = exc.errors()[0]["msg"].lower()
+            raise ImportRefused(
+                f"--threshold {options.threshold:g}: {problem} (tau is a squared distance "
+                "between unit-length embeddings, 0 to 4)"
+            ) from None
     try:
         spec = ModelSpec(
             architecture=f"imported:{producer}".lower().replace(" ", "-")[:64],

@@ -41,8 +41,6 @@ from convserve.spec import FASHION_MNIST, ModelSpec
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = BEST_NAME
-
 
 def _opt(help: str, **cli: Any) -> dict[str, Any]:
     """A field's command-line help (and flag name, where it differs from the field's)."""

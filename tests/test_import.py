@@ -105,6 +105,9 @@ def test_the_graph_and_flags_become_a_recipe_shown_by_models(imported, server):
     assert version["task"] == "classify" and version["routes"] == ["/classify"]
     assert version["recipe"].startswith("shorter side to 256, centre crop 224x224")
     assert version["input"]["layout"] == "nhwc" and version["output"] == "probabilities"
+    # an import decodes large uploads reduced unless --full-decode says otherwise
+    assert version["input"]["reduced_decode"] is True
+    assert version["recipe"].endswith("reduced decode")
 
 
 def test_served_answers_equal_in_process_onnxruntime_on_real_photos(outside, server, photos):
@@ -167,6 +170,8 @@ def test_bad_files_and_flags_are_refused_naming_the_problem_and_store_nothing(
         "softmax twice": (model, {"output": "logits"}, "are probabilities already"),
         "bad name": (model, {"name": "Not A Name"}, "--name"),
         "a detector": (model, {"task": "detect"}, "import takes classify"),
+        "tau out of range": (model, {"task": "embed", "labels": None, "threshold": 5.0},
+                             "--threshold 5: input should be less than or equal to 4"),
     }  # fmt: skip
     before = _stored_tags()
     for what, (path, changes, message) in cases.items():

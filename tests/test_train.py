@@ -226,3 +226,15 @@ def test_evaluating_a_subset_without_the_last_class_sizes_the_matrix_by_the_mode
     x, y = torch.randn(20, 1, 28, 28), torch.arange(20) % 9  # class 9 never appears
     _, _, confusion = evaluate(model, x, y)
     assert confusion.shape == (10, 10) and confusion.sum() == 20
+
+
+def test_the_train_summary_line_needs_no_summary_figure():
+    from convserve.cli import train_summary
+
+    figure = {"best_test_accuracy": 0.9074, "best_epoch": 3, "train_time_s": 113.2}
+    assert train_summary(figure, "runs/x/best.pt") == (
+        "test accuracy 90.74% (best, epoch 3) in 113 s; checkpoint runs/x/best.pt"
+    )
+    assert train_summary({"best_epoch": 2, "train_time_s": 5.0}, "b.pt") == (
+        "in 5 s; checkpoint b.pt"
+    )
