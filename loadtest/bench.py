@@ -3,6 +3,7 @@ side in one run, with the same model, the same images and the same Locust load.
 
     python -m convserve.loadtest.bench                      # the full run behind docs/benchmarks.md
     python -m convserve.loadtest.bench --quick --out build/bench-quick   # < 2 minutes, a smoke test
+    python -m convserve.loadtest.bench --only phone --out docs/bench/phone   # 12 MP phone photos
 
 For each scenario (loadtest/scenarios.py) it starts the server itself, pinned to its own core
 (the load generator gets the other), waits for readiness, runs headless Locust for a bounded
@@ -30,10 +31,10 @@ from pathlib import Path
 
 import psutil
 
-from convserve.defaults import DEFAULT_TAG, LENET
 from convserve.loadtest import peer_envs
+from convserve.loadtest.prepare import ModelFiles, prepare_models
 from convserve.loadtest.processes import PY, ROOT, NotReady, Sampler, Server, cores, start, stop
-from convserve.loadtest.scenarios import TASK_MODELS, Scenario, scenarios, servers
+from convserve.loadtest.scenarios import MULTIPART, Scenario, scenarios, servers
 from convserve.loadtest.scrape import batching, scrape
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -75,6 +76,8 @@ class Run:
     machine: dict
     probe: dict | None = None  # one user, sequential (loadtest/probe.py)
     unavailable: dict[str, str] = field(default_factory=dict)  # server -> why it did not run
+    # server -> the top-1 index it answered for each phone photo, in order (multipart servers)
+    answers: dict[str, list[int]] = field(default_factory=dict)
 
     def find(self, scenario: str, server: str, users: int) -> Result | None:
         return next(
@@ -96,7 +99,8 @@ def _locust(
     raw: Path,
     env: dict[str, str],
 ) -> dict:
-    stem = raw / f"{scenario.server}-{scenario.model}-{scenario.user_class}-{users}u"
+    per_request = f"-{scenario.images_per_request}i" if scenario.images_per_request > 1 else ""
+    stem = raw / f"{scenario.server}-{scenario.model}-{scenario.user_class}{per_request}-{users}u"
     cmd = [
         *prefix,
         PY,
@@ -144,99 +148,25 @@ def _probe(url: str, prefix: list[str], requests: int) -> dict:
     return json.loads(done.stdout)
 
 
-@dataclass(frozen=True)
-class ModelFiles:
-    tag: str  # in the run's own model store
-    onnx: str
-    spec: str
-    torchscript: str | None = None  # for the PyTorch peers
+def _phone_limit(files: ModelFiles, threads: int, prefix: list[str], folder: Path) -> dict:
+    """CPU per phone photo in-process, each way of decoding it (loadtest/inprocess.py)."""
+    cmd = [*prefix, PY, "-m", "convserve.loadtest.inprocess", "--onnx", files.onnx,
+           "--spec", files.spec, "--threads", str(threads), "--phone", str(folder)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
 
 
-def _stored(stored, torchscript: str | None = None) -> ModelFiles:  # noqa: ANN001 - StoredModel
-    return ModelFiles(
-        stored.tag, str(stored.path), str(stored.path.parent / "spec.json"), torchscript
-    )
+def _phone_answers(url: str, folder: Path, model: str) -> list[int]:
+    """The top-1 index a multipart server answers for each phone photo, one request each."""
+    import requests
 
-
-def _torchscript(checkpoint: Path, out: Path) -> str:
-    """The checkpoint traced to TorchScript, the file the PyTorch peers load without convserve."""
-    import torch
-
-    from convserve.models.checkpoint import load_checkpoint
-
-    model, spec = load_checkpoint(checkpoint)
-    traced = torch.jit.trace(model, torch.zeros(spec.input.shape(1)))
-    traced.save(str(out))  # type: ignore[union-attr]
-    return str(out)
-
-
-def prepare_models(
-    args: argparse.Namespace, work: Path, wanted: set[str], missing: dict[str, str]
-) -> dict[str, ModelFiles]:
-    """The run's own model store (BENTOML_HOME under `work`) with every model the scenarios use:
-    the served LeNet-5 and the task models (detector, verifier, stylizer) copied from the
-    user's store (a task model not there goes into `missing`, with what makes it); ResNet-20
-    (FP32 and INT8) exported from a checkpoint (untrained unless given: throughput does not
-    depend on the weights' values); EfficientNet-Lite0 with its ImageNet weights."""
-    from convserve.export.onnx_export import ExportConfig, export_onnx
-    from convserve.export.verify import known_pixels
-    from convserve.store import load_model, save_model
-
-    home = work / "bentoml"
-    os.environ["BENTOML_HOME"] = str(home)
-    user_store = Path(args.bentoml_home) / "models"
-    shutil.copytree(user_store / LENET, home / "models" / LENET)
-    lenet = load_model(DEFAULT_TAG)
-    task_models: dict[str, ModelFiles] = {}
-    for key, name in TASK_MODELS.items():
-        if key not in wanted:
-            continue
-        if not (user_store / name).is_dir():
-            missing[key] = f"{name} is not in {user_store}: `make models` prepares it"
-            continue
-        shutil.copytree(user_store / name, home / "models" / name)
-        task_models[key] = _stored(load_model(f"{name}:latest"))
-    checkpoint = Path(args.checkpoint).resolve()
-    models = {"lenet5": _stored(lenet, _torchscript(checkpoint, work / "lenet5.pt"))}
-    if wanted & {"resnet20", "resnet20-int8"}:
-        import torch
-
-        from convserve.export.quantize import quantize_int8
-        from convserve.models import create_model
-        from convserve.preprocess import from_pixels
-        from convserve.spec import ModelSpec
-
-        ckpt = Path(args.resnet_checkpoint) if args.resnet_checkpoint else None
-        if ckpt is None:
-            torch.manual_seed(0)
-            kwargs = {"in_channels": 1, "input_size": 28, "num_classes": 10}
-            spec = lenet.spec.model_copy(
-                update={"architecture": "resnet20", "kwargs": kwargs, "metrics": {}}
-            )
-            ckpt = work / "resnet20.pt"
-            torch.save(
-                {
-                    "spec": ModelSpec.model_dump(spec, mode="json"),
-                    "state_dict": create_model("resnet20", **kwargs).state_dict(),
-                },
-                ckpt,
-            )
-        path, spec = export_onnx(ExportConfig(str(ckpt), str(work / "resnet20.onnx")))
-        inputs = known_pixels(spec)
-        calibration = from_pixels(known_pixels(spec, count=256), spec.input)
-        int8 = quantize_int8(path, work / "resnet20.int8.onnx", calibration)
-        models["resnet20-int8"] = _stored(
-            save_model(int8, spec, "bench-resnet20", inputs, precision="int8")
-        )
-        models["resnet20"] = _stored(save_model(path, spec, "bench-resnet20", inputs))
-    if "efficientnet-lite0" in wanted:
-        from convserve.export.publish import publish
-        from convserve.models.pretrained import write_checkpoint
-
-        lite0 = write_checkpoint("efficientnet_lite0", "imagenet", work / "lite0")
-        published = publish(lite0, name="bench-lite0", parity_images=8, say=lambda _: None)
-        models["efficientnet-lite0"] = _stored(published.stored[-1])
-    return {**models, **task_models}
+    answers = []
+    for path in sorted(folder.glob("*.jpg")):
+        files = {"images": (path.name, path.read_bytes(), "image/jpeg")}
+        resp = requests.post(f"{url}/classify?top_k=1&model={model}", files=files, timeout=60)
+        resp.raise_for_status()
+        answers.append(int(resp.json()["results"][0]["predictions"][0]["index"]))
+    return answers
 
 
 def _limit(files: ModelFiles, threads: int, prefix: list[str], quick: bool, photos: bool) -> dict:
@@ -262,11 +192,11 @@ def _limit(files: ModelFiles, threads: int, prefix: list[str], quick: bool, phot
 
 def _measure(
     url: str,
-    proc,
+    proc: subprocess.Popen,
     scenario: Scenario,
     users: int,
     seconds: int,
-    raw: Path,  # noqa: ANN001
+    raw: Path,
     load_prefix: list[str],
     env: dict[str, str],
     cpus: int,
@@ -308,6 +238,8 @@ def run(args: argparse.Namespace) -> Path:
     chosen = scenarios(args.quick)
     if args.servers:
         chosen = [s for s in chosen if s.server in args.servers.split(",")]
+    if args.only:
+        chosen = [s for s in chosen if args.only in s.name]
     seconds = args.seconds or (5 if args.quick else 15)
     server_prefix, load_prefix = cores()
     cpus = len(os.sched_getaffinity(0)) // 2 if server_prefix else len(os.sched_getaffinity(0))
@@ -326,7 +258,15 @@ def run(args: argparse.Namespace) -> Path:
     work = Path(tempfile.mkdtemp(prefix="convserve-bench-"))
     missing: dict[str, str] = {}  # task models not in the user's store
     models = prepare_models(args, work, {s.model for s in chosen}, missing)
+    phone = work / "phone"  # 12 MP phone JPEGs, made for this run (never stored)
+    if any(s.against == "phone" for s in chosen):
+        from convserve.models.data import phone_photos
+
+        phone.mkdir()
+        for i, data in enumerate(phone_photos()):
+            (phone / f"{i}.jpg").write_bytes(data)
     results: list[Result] = []
+    answers: dict[str, list[int]] = {}
     limits: dict[str, dict] = {}
     runs, k = sum(len(sc.users) for sc in chosen), 0
     probe: dict | None = None
@@ -336,6 +276,9 @@ def run(args: argparse.Namespace) -> Path:
             limits[model] = _limit(
                 files, threads, server_prefix, args.quick, photos=model.startswith("efficientnet")
             )
+            if phone.is_dir() and model == "efficientnet-lite0":
+                print("in-process limit: efficientnet-lite0 on phone photos", flush=True)
+                limits[model]["phone"] = _phone_limit(files, threads, server_prefix, phone)
         for scenario in chosen:
             if scenario.model in missing:
                 k += len(scenario.users)
@@ -357,6 +300,8 @@ def run(args: argparse.Namespace) -> Path:
             load_env = {
                 "CONVSERVE_LOCUST_V2_MODEL": files.tag.split(":")[0],
                 "CONVSERVE_LOCUST_MODEL": files.tag.split(":")[0],
+                "CONVSERVE_LOCUST_SPEC": files.spec,  # its labels, for the peers' answers
+                "CONVSERVE_LOCUST_PHONE_DIR": str(phone),
                 **scenario.locust_env,
             }
             log = raw / f"{scenario.server}-{scenario.model}.log"
@@ -368,6 +313,11 @@ def run(args: argparse.Namespace) -> Path:
                 print(f"{scenario.server} did not start; see {log}", flush=True)
                 continue
             try:
+                phone_multipart = scenario.against == "phone" and scenario.shape == MULTIPART
+                if phone_multipart and scenario.server not in answers:
+                    answers[scenario.server] = _phone_answers(
+                        url, phone, load_env["CONVSERVE_LOCUST_MODEL"]
+                    )
                 if (
                     scenario.server == "convserve"
                     and scenario.user_class == "SingleImageUser"
@@ -410,6 +360,7 @@ def run(args: argparse.Namespace) -> Path:
         machine(),
         probe,
         unavailable,
+        answers,
     )
     write(out, report)
     return out
@@ -428,6 +379,7 @@ def write(out: Path, run: Run) -> None:
                 "machine": run.machine,
                 "seconds_per_run": run.seconds,
                 "unavailable": run.unavailable,
+                "phone_answers": run.answers,
             },
             indent=2,
         )
@@ -479,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--resnet-checkpoint", help="a trained resnet20 (default: untrained)")
     parser.add_argument("--servers", help="only these servers' scenarios, comma-separated")
+    parser.add_argument("--only", help="only the scenarios whose name holds this, e.g. phone")
     args = parser.parse_args(argv)
     out = run(args)
     print(f"results in {out}/ (summary.md, results.json, results.csv, plots, raw/)")

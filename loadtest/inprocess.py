@@ -13,6 +13,11 @@ model's task:
             upload's pixels
   embed     two Fashion-MNIST PNGs (a /verify request): decode both, infer, their distance
   stylize   one 256 x 256 photo as JPEG: decode, infer (style 0), encode the PNG
+
+With `--phone DIR` (the *.jpg there: 12 MP phone photos), the CPU per photo of a crop-recipe
+classifier at `--phone-batch`, each way of decoding it: the cheapest Pillow offers (JPEG's DCT
+scaling to at least the first resize, `Image.draft`), convserve's recipe (`from_bytes`, which
+leaves twice the first resize), and a full decode; each + resize + crop + the model.
 """
 
 from __future__ import annotations
@@ -28,9 +33,9 @@ import numpy as np
 from PIL import Image
 
 from convserve.models.data import PHOTOS, load_fashion_mnist, load_photos, load_scenes
-from convserve.preprocess import decode, decode_batch, from_bytes
+from convserve.preprocess import decode, decode_batch, from_bytes, normalize
 from convserve.runtime import SessionConfig, make_session
-from convserve.spec import ModelSpec
+from convserve.spec import InputSpec, ModelSpec
 from convserve.tasks.detect import select
 from convserve.tasks.embed import squared_distance
 from convserve.tasks.stylize import to_png
@@ -142,6 +147,53 @@ def measure(
     }
 
 
+def _cheapest(data: bytes, spec: InputSpec) -> np.ndarray:
+    """A crop recipe's input at the least CPU Pillow offers: the JPEG decoded at the smallest
+    DCT scale that leaves the first resize (`draft`), resized, cropped, normalized."""
+    assert spec.resize == "crop" and spec.resize_to is not None
+    img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    scale = spec.resize_to / min(w, h)
+    size = (int(w * scale), int(h * scale)) if w != h else (spec.resize_to, spec.resize_to)
+    img.draft("RGB", size)
+    img = img.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+    left, top = round((size[0] - spec.width) / 2), round((size[1] - spec.height) / 2)
+    img = img.crop((left, top, left + spec.width, top + spec.height))
+    return normalize(np.asarray(img).transpose(2, 0, 1), spec)  # 3 x H x W
+
+
+def phone_limit(onnx: str, spec: ModelSpec, threads: int, folder: str, batch: int, rounds: int):
+    """CPU ms per photo (process time: decode and ONNX Runtime on this process's threads), for
+    each way of decoding, over `rounds` passes through the photos in batches of `batch`."""
+    session = make_session(onnx, SessionConfig(intra_op_threads=threads))
+    name = session.get_inputs()[0].name
+    photos = [p.read_bytes() for p in sorted(Path(folder).glob("*.jpg"))]
+    full = spec.input.model_copy(update={"reduced_decode": False})
+    ways: dict[str, Callable[[bytes], np.ndarray]] = {
+        "cheapest": lambda d: _cheapest(d, spec.input),
+        "recipe": lambda d: from_bytes(d, spec.input),
+        "full": lambda d: from_bytes(d, full),
+    }
+    stream = [photos[i % len(photos)] for i in range(len(photos) * rounds)]
+    out: dict[str, object] = {"batch": batch, "photos": len(stream), "threads": threads}
+    top1: dict[str, list[int]] = {}
+    for way, prepare in ways.items():
+        prepare(photos[0])  # warm
+        t0, labels = time.process_time(), []
+        for i in range(0, len(stream), batch):
+            x = np.stack([prepare(d) for d in stream[i : i + batch]])
+            labels += np.asarray(session.run(None, {name: x})[0]).argmax(1).tolist()
+        out[f"{way}_ms_per_photo"] = 1000 * (time.process_time() - t0) / len(stream)
+        top1[way] = labels[: len(photos)]
+    x = np.stack([ways["recipe"](photos[i % len(photos)]) for i in range(batch)])
+    t0 = time.process_time()
+    for _ in range(rounds):
+        session.run(None, {name: x})
+    out["model_ms_per_photo"] = 1000 * (time.process_time() - t0) / (rounds * batch)
+    out["top1"] = top1
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--onnx", required=True)
@@ -150,8 +202,17 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,8,32,64")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--photos", action="store_true", help="real photos as JPEG")
+    parser.add_argument("--phone", help="a folder of phone JPEGs: their CPU per photo only")
+    parser.add_argument("--phone-batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=10, help="--phone: passes over the photos")
     args = parser.parse_args()
     spec = ModelSpec.model_validate_json(Path(args.spec).read_text())
+    if args.phone:
+        limit = phone_limit(
+            args.onnx, spec, args.threads, args.phone, args.phone_batch, args.rounds
+        )
+        print(json.dumps(limit))
+        return
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     print(json.dumps(measure(args.onnx, spec, args.threads, sizes, args.seconds, args.photos)))
 

@@ -17,6 +17,10 @@ User classes (pick by name on the command line; without one, Locust mixes them a
   (these three need CONVSERVE_LOCUST_TASK=detect, verify or stylize for their payloads)
   PhotoUser         real colour photos (scikit-image's, as JPEG), CONVSERVE_LOCUST_PHOTOS per
                     request (default 1), to /classify?model=CONVSERVE_LOCUST_MODEL
+  PhoneUser         12 MP phone-camera JPEGs (the *.jpg of CONVSERVE_LOCUST_PHONE_DIR, read on
+                    first use), CONVSERVE_LOCUST_PHOTOS per request, multipart to /classify
+  PhoneRawUser      one of them as the whole body, to CONVSERVE_LOCUST_PATH (TorchServe)
+  PhoneOipUser      CONVSERVE_LOCUST_PHOTOS of them as a KServe v2 BYTES tensor (Triton)
   TensorUser        /classify/tensor with a uint8 .npy batch of 8
   V2BinaryUser      Open Inference Protocol, FP32 tensor as binary data, 8 images
   ConstantRateUser  one PNG per request at CONVSERVE_LOCUST_RATE requests/s per user
@@ -34,11 +38,13 @@ batch) counts as a failure.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import random
 import struct
+from pathlib import Path
 
 import numpy as np
 from locust import FastHttpUser, constant, constant_throughput, events, task
@@ -104,11 +110,12 @@ MODEL = os.environ.get("CONVSERVE_LOCUST_MODEL")
 PHOTOS_PER_REQUEST = int(os.environ.get("CONVSERVE_LOCUST_PHOTOS", "1"))
 
 
-def _oip_png(png: bytes) -> tuple[bytes, int]:
-    """A v2 request carrying one PNG as a BYTES tensor in binary data: (body, header length)."""
-    blob = struct.pack("<I", len(png)) + png
+def _oip_png(*images: bytes) -> tuple[bytes, int]:
+    """A v2 request carrying encoded images as one BYTES tensor (N x 1) in binary data:
+    (body, header length)."""
+    blob = b"".join(struct.pack("<I", len(image)) + image for image in images)
     header = json.dumps({
-        "inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES",
+        "inputs": [{"name": "image", "shape": [len(images), 1], "datatype": "BYTES",
                     "parameters": {"binary_data_size": len(blob)}}],
         "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
     }).encode()  # fmt: skip
@@ -139,6 +146,10 @@ def _labels_from_server(environment, **_kw) -> None:  # noqa: ANN001 - Locust's 
     import urllib.request
 
     global LABELS
+    spec = os.environ.get("CONVSERVE_LOCUST_SPEC")  # the model's spec.json: peers have no /models
+    if spec:
+        LABELS = json.loads(Path(spec).read_text())["labels"]
+        return
     try:
         with urllib.request.urlopen(f"{environment.host}/models", timeout=5) as resp:
             LABELS = json.load(resp)["models"][0]["versions"][0]["labels"]
@@ -253,18 +264,19 @@ class RawImageUser(_Checked):
                    headers={"Content-Type": "image/png"})  # fmt: skip
 
 
-class OipImageUser(FastHttpUser):
-    """One PNG per request as a KServe v2 BYTES tensor, as Triton's clients send images."""
+class _CheckedV2(FastHttpUser):
+    """Open Inference Protocol users: each v2 binary answer is checked (`_check_v2`)."""
 
+    abstract = True
     wait_time = constant(0)
 
-    @task
-    def infer(self) -> None:
-        i = random.randrange(len(OIP_PNGS))
-        body, header_length = OIP_PNGS[i]
+    def _post_v2(
+        self, name: str, payload: tuple[bytes, int], key: tuple[str, int], rows: int
+    ) -> None:
+        body, header_length = payload
         with self.client.post(
             f"/v2/models/{V2_MODEL}/infer",
-            name="/v2 infer [1 PNG, BYTES]",
+            name=name,
             data=body,  # pyright: ignore[reportArgumentType] - bytes are sent as they are
             headers={"Inference-Header-Content-Length": str(header_length)},
             catch_response=True,
@@ -272,9 +284,18 @@ class OipImageUser(FastHttpUser):
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}")
                 return
-            problem = _check_v2(resp.content, resp.headers, ("oip-png", i), rows=1)
+            problem = _check_v2(resp.content, resp.headers, key, rows)
             if problem:
                 resp.failure(problem)
+
+
+class OipImageUser(_CheckedV2):
+    """One PNG per request as a KServe v2 BYTES tensor, as Triton's clients send images."""
+
+    @task
+    def infer(self) -> None:
+        i = random.randrange(len(OIP_PNGS))
+        self._post_v2("/v2 infer [1 PNG, BYTES]", OIP_PNGS[i], ("oip-png", i), rows=1)
 
 
 class PhotoUser(_Checked):
@@ -287,6 +308,51 @@ class PhotoUser(_Checked):
         files = [("images", (f"{i}.jpg", PHOTO_JPEGS[i], "image/jpeg")) for i in picks]
         self._post(f"/classify?top_k=1&model={MODEL}", f"/classify [{len(picks)} photos]",
                    len(picks), ("photo", start), files=files)  # fmt: skip
+
+
+@functools.cache
+def phone_jpegs() -> list[bytes]:
+    """The phone photos the harness wrote (`convserve.models.data.phone_photos`), read once,
+    on first use: only the phone users need them."""
+    folder = Path(os.environ["CONVSERVE_LOCUST_PHONE_DIR"])
+    return [p.read_bytes() for p in sorted(folder.glob("*.jpg"))]
+
+
+def _phone_picks() -> tuple[int, list[int]]:
+    start = random.randrange(len(phone_jpegs()))
+    return start, [(start + j) % len(phone_jpegs()) for j in range(PHOTOS_PER_REQUEST)]
+
+
+class PhoneUser(_Checked):
+    """12 MP phone JPEGs, PHOTOS_PER_REQUEST per request, as multipart parts."""
+
+    @task
+    def classify(self) -> None:
+        start, picks = _phone_picks()
+        files = [("images", (f"{i}.jpg", phone_jpegs()[i], "image/jpeg")) for i in picks]
+        self._post(f"/classify?top_k=1&model={MODEL}", f"/classify [{len(picks)} phone JPEGs]",
+                   len(picks), ("phone", start), files=files)  # fmt: skip
+
+
+class PhoneRawUser(_Checked):
+    """One 12 MP phone JPEG as the whole body (TorchServe's clients)."""
+
+    @task
+    def classify(self) -> None:
+        i = random.randrange(len(phone_jpegs()))
+        self._post(RAW_PATH, "raw phone JPEG body", 1, ("phone-raw", i), data=phone_jpegs()[i],
+                   headers={"Content-Type": "image/jpeg"})  # fmt: skip
+
+
+class PhoneOipUser(_CheckedV2):
+    """PHOTOS_PER_REQUEST phone JPEGs as one KServe v2 BYTES tensor (Triton's clients)."""
+
+    @task
+    def infer(self) -> None:
+        start, picks = _phone_picks()
+        payload = _oip_png(*(phone_jpegs()[i] for i in picks))
+        name = f"/v2 infer [{len(picks)} phone JPEGs, BYTES]"
+        self._post_v2(name, payload, ("phone-oip", start), len(picks))
 
 
 TASK = os.environ.get("CONVSERVE_LOCUST_TASK")  # detect, verify or stylize: their payloads
@@ -397,26 +463,11 @@ class StylizeUser(FastHttpUser):
                 resp.failure("a different image than before for the same request")
 
 
-class V2BinaryUser(FastHttpUser):
-    wait_time = constant(0)
-
+class V2BinaryUser(_CheckedV2):
     @task
     def infer(self) -> None:
         i = random.randrange(len(V2))
-        body, header_length = V2[i]
-        with self.client.post(
-            f"/v2/models/{V2_MODEL}/infer",
-            name=f"/v2 infer [{TENSOR_BATCH} FP32 binary]",
-            data=body,  # pyright: ignore[reportArgumentType] - bytes are sent as they are
-            headers={"Inference-Header-Content-Length": str(header_length)},
-            catch_response=True,
-        ) as resp:
-            if resp.status_code != 200:
-                resp.failure(f"HTTP {resp.status_code}")
-                return
-            problem = _check_v2(resp.content, resp.headers, ("v2", i))
-            if problem:
-                resp.failure(problem)
+        self._post_v2(f"/v2 infer [{TENSOR_BATCH} FP32 binary]", V2[i], ("v2", i), TENSOR_BATCH)
 
 
 def _check_v2(content: bytes, headers, key: tuple[str, int], rows: int = TENSOR_BATCH):  # noqa: ANN001, ANN201

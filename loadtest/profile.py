@@ -123,6 +123,8 @@ def _wrk(url: str, prefix: list[str], seconds: int = 5, connections: int = 32) -
 def profile(args: argparse.Namespace) -> Profile:
     server_prefix, load_prefix = cores()
     env = {"CONVSERVE_MODELS": args.models, "CONVSERVE_INTRA_OP_THREADS": "1"}
+    if args.server_pythonpath:  # an older version installed apart (pip install --target)
+        env["PYTHONPATH"] = args.server_pythonpath
     server = Server("convserve", [PY, "-m", "bentoml", "serve", args.service, "--port", "{port}"],
                     "/readyz", env)  # fmt: skip
     out = Path(args.out).resolve()
@@ -198,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--service", default=SERVICE, help="the BentoML service's import path")
     parser.add_argument(
         "--cwd", help="where the server starts (e.g. a checkout of an older commit)"
+    )
+    parser.add_argument(
+        "--server-pythonpath",
+        help="the server imports convserve from here: an older commit installed with "
+        "`pip install --no-deps --target DIR CHECKOUT` (start it with --cwd outside the checkout)",
     )
     parser.add_argument("--users", type=int, default=32)
     parser.add_argument("--seconds", type=int, default=20)

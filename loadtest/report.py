@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from convserve.loadtest import report_phone  # noqa: E402
 from convserve.loadtest.scenarios import (  # noqa: E402
     AHEAD_AT,
     GOALS,
@@ -49,6 +50,8 @@ def _against_users(
 
 
 def plot(run: Run, out: Path) -> None:
+    report_phone.plot(run, out)
+    plot_batching(run.results, out)
     single = [r for r in run.results if r.scenario in SHAPES]
     if not single:
         return
@@ -77,7 +80,6 @@ def plot(run: Run, out: Path) -> None:
         out / "p99_vs_users.png",
     )
     _latency_vs_throughput([r for r in single if r.scenario == SINGLE], out)
-    plot_batching(run.results, out)
 
 
 def _latency_vs_throughput(rows: list[Result], out: Path) -> None:
@@ -276,6 +278,11 @@ def goals(run: Run) -> list[str]:
     return lines
 
 
+def _has_headline(run: Run) -> bool:
+    """The run measured the one-PNG scenarios the main goals are about (not `--only` others)."""
+    return any(r.scenario in SHAPES for r in run.results) or run.quick
+
+
 def cpu_table(run: Run) -> list[str]:
     """Server CPU per request and req/s, one PNG per request, by server and users; * marks a
     run whose server cores were not saturated."""
@@ -305,7 +312,8 @@ def _served_vs_limit(run: Run) -> list[str]:
     """Each compared scenario's served images/s against its model in-process, side by side:
     against one request end to end (decode, infer, answer: no HTTP), or the model alone at its
     best batch."""
-    compared = {sc.name: sc for sc in run.scenarios if sc.against}
+    # (the phone photos have their own section: loadtest/report_phone.py)
+    compared = {sc.name: sc for sc in run.scenarios if sc.against in ("one", "batch")}
     rows = [
         r
         for r in run.results
@@ -369,10 +377,7 @@ def summary(run: Run) -> str:
             if run.unavailable
             else []
         ),
-        "## Goals",
-        "",
-        *goals(run),
-        "",
+        *(["## Goals", "", *goals(run), ""] if _has_headline(run) else []),
         *(
             [
                 f"One user, sequential, keep-alive ({run.probe['requests']} requests, "
@@ -383,6 +388,7 @@ def summary(run: Run) -> str:
             if run.probe
             else []
         ),
+        *report_phone.section(run),
         "## Server CPU per request, and requests/s",
         "",
         "The server's process tree, CPU seconds over the run ÷ requests completed; `*`: the "
@@ -446,11 +452,17 @@ def summary(run: Run) -> str:
             for model, lim in run.limits.items()
         ),
         "",
-        "![throughput](throughput_vs_users.png)",
-        "",
-        "![server CPU per request](cpu_per_request_vs_users.png)",
-        "",
-        "![p99](p99_vs_users.png)",
-        "",
+        *(
+            [
+                "![throughput](throughput_vs_users.png)",
+                "",
+                "![server CPU per request](cpu_per_request_vs_users.png)",
+                "",
+                "![p99](p99_vs_users.png)",
+                "",
+            ]
+            if any(r.scenario in SHAPES for r in run.results)
+            else []
+        ),
     ]
     return "\n".join(lines)

@@ -31,7 +31,7 @@ class Scenario:
     locust_env: dict[str, str] = field(default_factory=dict)
     # Reported against the in-process limit of its model: "one" (one request end to end, one at
     # a time), "batch" (the model alone at its best batch), or "" (not compared).
-    against: str = ""
+    against: str = ""  # or "phone": CPU per photo against the phone limit (loadtest/inprocess.py)
 
 
 def _uvicorn(app: str) -> list[str]:
@@ -120,7 +120,8 @@ def servers(threads: int, peer_python: Callable[[str], str]) -> dict[str, Server
         Server(
             "triton",
             [peer_python("triton"), "loadtest/peers/triton_ort.py", "--port", "{port}"],
-            "/v2/health/ready",
+            # the model's own readiness: the server's comes before its Python model has loaded
+            "/v2/models/lenet5/ready",
             peer_env,
             "Triton 2.51 (nvidia-pytriton 0.7): Python model with ORT, dynamic batcher "
             "(max batch 128, 100 µs queue delay)",
@@ -154,6 +155,9 @@ LITE0_MANY = "efficientnet-lite0 16 JPEGs per request"
 DETECT = "fashion-detector one 128 px PNG scene per request"
 VERIFY = "fashion-siamese /verify, two PNGs per request"
 STYLIZE = "multistyle26 one 256 px JPEG per request"
+PHONE_ONE = "efficientnet-lite0 one 12 MP phone JPEG per request"
+PHONE_FOUR = "efficientnet-lite0 4 12 MP phone JPEGs per request"
+PHONE = (PHONE_ONE, PHONE_FOUR)
 USERS = (1, 8, 32, 64)
 # The task models come from the user's store (`make models`); the bench copies them.
 TASK_MODELS = {
@@ -174,6 +178,39 @@ MULTIPART_SERVERS = (
 )
 RAW_ENV = {"CONVSERVE_LOCUST_PATH": "/classify?top_k=1"}
 TORCHSERVE_ENV = {"CONVSERVE_LOCUST_PATH": "/predictions/lenet5"}
+PHONE_USERS = (8,)
+# Phone photos: each peer on the request shape its users send (convserve answers all three).
+PHONE_SHAPES = {
+    "convserve": ("PhoneUser", MULTIPART, {}),
+    "fastapi-lean": ("PhoneUser", MULTIPART, {}),
+    "triton": ("PhoneOipUser", OIP, {"CONVSERVE_LOCUST_V2_MODEL": "lenet5"}),
+    "torchserve": ("PhoneRawUser", RAW, TORCHSERVE_ENV),
+}
+
+
+def phone_scenarios() -> list[Scenario]:
+    """12 MP phone JPEGs to EfficientNet-Lite0: one per request to every peer, four per request
+    to those whose request carries several (TorchServe's raw body carries one)."""
+    out = []
+    for name, per_request in ((PHONE_ONE, 1), (PHONE_FOUR, 4)):
+        for server, (user, shape, env) in PHONE_SHAPES.items():
+            if per_request > 1 and shape == RAW:
+                continue
+            locust_env = {**env, "CONVSERVE_LOCUST_PHOTOS": str(per_request)}
+            out.append(
+                Scenario(
+                    name,
+                    server,
+                    user,
+                    PHONE_USERS,
+                    per_request,
+                    "efficientnet-lite0",
+                    shape,
+                    locust_env,
+                    against="phone",
+                )  # fmt: skip
+            )
+    return out
 
 
 def scenarios(quick: bool) -> list[Scenario]:
@@ -247,6 +284,7 @@ def scenarios(quick: bool) -> list[Scenario]:
             locust_env={"CONVSERVE_LOCUST_TASK": "stylize"},
             against="one",
         ),
+        *phone_scenarios(),
     ]
 
 
@@ -257,5 +295,7 @@ GOALS = {
     "cpu_vs_floor_64": 1.3,  # server CPU per request ÷ the floor's, 64 users (at most)
     "p99_over_p50_64": 3.0,  # p99 ÷ p50 at 64 users (at most)
     "resnet_served_over_limit": 0.90,  # ResNet-20, 32 images per request, ÷ in-process (at least)
+    "phone_work_per_cpu_vs_lean": 4.0,  # 12 MP JPEGs per server-CPU-second ÷ fastapi-lean's
+    "phone_cpu_vs_limit": 1.2,  # server CPU per 12 MP JPEG ÷ the in-process limit's (at most)
 }
 AHEAD_AT = (8, 32, 64)  # user counts at which convserve must be ahead of every peer (req/s)

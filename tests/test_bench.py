@@ -165,3 +165,24 @@ def test_the_goals_are_computed_from_the_runs_figures():
     assert rows["p99 at 64 users"].endswith("| met |")  # 25 <= 3 x 10
     resnet = rows["ResNet-20, 32 images per request: served ÷ in-process"]
     assert "960 ÷ 3,200" in resnet and "**missed**" in resnet  # 30 req/s x 32 = 960
+
+
+def test_the_phone_photo_limit_measures_each_way_of_decoding(imagenet_stored, tmp_path):
+    """`inprocess --phone`: CPU per 12 MP photo for the cheapest decode, convserve's and a full
+    one, each answering the same top-1 on every photo (the harness compares the servers'
+    answers the same way)."""
+    from convserve.models.data import phone_photos
+
+    for i, data in enumerate(phone_photos()):
+        (tmp_path / f"{i}.jpg").write_bytes(data)
+    spec = imagenet_stored.path.parent / "spec.json"
+    cmd = [sys.executable, "-m", "convserve.loadtest.inprocess", "--onnx",
+           str(imagenet_stored.path), "--spec", str(spec), "--phone", str(tmp_path),
+           "--rounds", "1"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    limit = json.loads(done.stdout)
+    assert limit["photos"] == 6 and limit["batch"] == 8
+    assert all(limit[f"{way}_ms_per_photo"] > 0 for way in ("cheapest", "recipe", "full", "model"))
+    top1 = limit["top1"]
+    assert len(top1["full"]) == 6 and top1["cheapest"] == top1["recipe"] == top1["full"]

@@ -25,6 +25,7 @@ from pytriton.triton import Triton, TritonConfig
 
 spec = json.loads(Path(os.environ["PEER_SPEC"]).read_text())
 SIZE = (spec["input"]["width"], spec["input"]["height"])
+RESIZE_TO = spec["input"].get("resize_to") if spec["input"].get("resize") == "crop" else None
 MODE = "L" if spec["input"]["channels"] == 1 else "RGB"
 MEAN = np.array(spec["input"]["mean"], np.float32).reshape(-1, 1, 1)
 STD = np.array(spec["input"]["std"], np.float32).reshape(-1, 1, 1)
@@ -35,8 +36,19 @@ session = ort.InferenceSession(os.environ["PEER_ONNX"], options, providers=["CPU
 INPUT = session.get_inputs()[0].name
 
 
+def _resize(img: Image.Image) -> Image.Image:
+    if RESIZE_TO is None:
+        return img.resize(SIZE)
+    # an ImageNet model's Resize(RESIZE_TO) + CenterCrop(SIZE), in Pillow
+    w, h = img.size
+    scale = RESIZE_TO / min(w, h)
+    img = img.resize((round(w * scale), round(h * scale)), Image.Resampling.BILINEAR)
+    left, top = (img.width - SIZE[0]) // 2, (img.height - SIZE[1]) // 2
+    return img.crop((left, top, left + SIZE[0], top + SIZE[1]))
+
+
 def _pixels(data: bytes) -> np.ndarray:
-    img = Image.open(io.BytesIO(data)).convert(MODE).resize(SIZE)
+    img = _resize(Image.open(io.BytesIO(data)).convert(MODE))
     x = np.asarray(img, np.float32) / 255.0
     return ((x[None] if x.ndim == 2 else x.transpose(2, 0, 1)) - MEAN) / STD
 

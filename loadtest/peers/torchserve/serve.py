@@ -44,6 +44,9 @@ def main() -> None:
         .format(port=port, management_port=port + 1, metrics_port=port + 2)
     )
     (work / "config.properties").write_text(config)
+    # TorchServe writes its logs/ (hundreds of MB in a benchmark) into its working directory:
+    # the run's temporary folder, never the checkout it was started from.
+    os.chdir(work)
     os.execv(
         str(BIN / "torchserve"),
         [

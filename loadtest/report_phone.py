@@ -1,0 +1,148 @@
+"""The phone-photo part of a benchmark run's report: 12 MP JPEGs to EfficientNet-Lite0 on every
+peer, against the in-process limit (loadtest/inprocess.py --phone), with its goals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from convserve.loadtest.scenarios import GOALS, PHONE, PHONE_ONE  # noqa: E402
+
+if TYPE_CHECKING:
+    from convserve.loadtest.bench import Result, Run
+
+LITE0 = "efficientnet-lite0"
+LIMIT_WAYS = {
+    "cheapest": "cheapest decode (DCT 1/8: at least the 256 px resize)",
+    "recipe": "convserve's decode (DCT 1/4: twice the resize)",
+    "full": "full decode",
+}
+
+
+def _ms_per_image(r: Result) -> float:
+    """Server CPU per image, in ms (its process tree over the run)."""
+    return r.cpu_us_per_request / 1000 / max(1, round(r.images_per_s / max(r.requests_per_s, 1e-9)))
+
+
+def _rows(run: Run) -> list[Result]:
+    return [r for r in run.results if r.scenario in PHONE]
+
+
+def _limit(run: Run) -> dict | None:
+    return run.limits.get(LITE0, {}).get("phone")
+
+
+def _goal(name: str, target: str, value: str, met: bool | None) -> str:
+    verdict = "not measured" if met is None else ("met" if met else "**missed**")
+    return f"| {name} | {target} | {value} | {verdict} |"
+
+
+def goals(run: Run) -> list[str]:
+    lines = ["| goal | target | measured | |", "|---|---|---|---|"]
+    factor, bound = GOALS["phone_work_per_cpu_vs_lean"], GOALS["phone_cpu_vs_limit"]
+    limit = _limit(run)
+    for scenario in PHONE:
+        ours, lean = run.find(scenario, "convserve", 8), run.find(scenario, "fastapi-lean", 8)
+        short = "one per request" if scenario == PHONE_ONE else "4 per request"
+        name = f"photos per server-CPU-second vs fastapi-lean ({short}, 8 users)"
+        if ours and lean and ours.cpu_us_per_request:
+            a, b = _ms_per_image(ours), _ms_per_image(lean)
+            value = f"{1000 / a:.1f} ÷ {1000 / b:.1f} = {b / a:.2f}× ({a:.1f} vs {b:.1f} ms)"
+            lines.append(_goal(name, f"≥ {factor:g}×", value, b / a >= factor))
+        else:
+            lines.append(_goal(name, f"≥ {factor:g}×", "–", None))
+        for way in ("cheapest", "recipe"):
+            name = f"server CPU per photo vs in-process, {LIMIT_WAYS[way]} ({short})"
+            if ours and limit:
+                a, ref = _ms_per_image(ours), limit[f"{way}_ms_per_photo"]
+                value = f"{a:.1f} ÷ {ref:.1f} ms = {a / ref:.2f}×"
+                lines.append(_goal(name, f"≤ {bound:g}×", value, a / ref <= bound))
+            else:
+                lines.append(_goal(name, f"≤ {bound:g}×", "–", None))
+    ours, lean = run.answers.get("convserve"), run.answers.get("fastapi-lean")
+    name = "the same top-1 as fastapi-lean on every photo"
+    if ours and lean:
+        same = sum(a == b for a, b in zip(ours, lean, strict=True))
+        lines.append(_goal(name, "all", f"{same} of {len(lean)}", same == len(lean)))
+    else:
+        lines.append(_goal(name, "all", "–", None))
+    return lines
+
+
+def table(run: Run) -> list[str]:
+    lines = [
+        "| scenario | server | request shape | users | photos/s | server CPU ms per photo | "
+        "p50 ms | p99 ms | failures |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in _rows(run):
+        lines.append(
+            f"| {r.scenario} | {r.server} | {r.shape} | {r.users} | {r.images_per_s:.1f} | "
+            f"{_ms_per_image(r):.1f}{'' if r.saturated else ' *'} | {r.p50_ms:.0f} | "
+            f"{r.p99_ms:.0f} | {r.failures} |"
+        )
+    limit = _limit(run)
+    if limit:
+        lines += [
+            "",
+            f"In-process on the server's core ({limit['threads']} thread, batch "
+            f"{limit['batch']}, {limit['photos']} photos, CPU time): "
+            + "; ".join(
+                f"{what} + resize + crop + the model {limit[f'{way}_ms_per_photo']:.1f} ms"
+                for way, what in LIMIT_WAYS.items()
+            )
+            + f"; the model alone {limit['model_ms_per_photo']:.1f} ms per photo.",
+        ]
+    return lines
+
+
+def section(run: Run) -> list[str]:
+    """The report's phone-photo section, or nothing when the run had none."""
+    if not _rows(run):
+        return []
+    return [
+        "## Phone photos: 12 MP JPEGs to EfficientNet-Lite0",
+        "",
+        "scikit-image's six colour photos scaled to 4000 x 3000 with sensor grain, JPEG "
+        "quality 90 (about 1.9 MB each, `convserve.models.data.phone_photos`), made for the "
+        "run. Server CPU per photo: its process tree's CPU over the run ÷ photos answered; "
+        "`*`: the server's core was not saturated.",
+        "",
+        *goals(run),
+        "",
+        *table(run),
+        "",
+        "![CPU per phone photo](phone_cpu_per_photo.png)",
+        "",
+    ]
+
+
+def _colour(label: str) -> str:
+    if label.startswith("convserve"):
+        return "tab:blue"
+    return "tab:green" if label.startswith("in-process") else "tab:gray"
+
+
+def plot(run: Run, out: Path) -> None:
+    """Server CPU per photo, each server and request shape, beside the in-process limits."""
+    rows, limit = _rows(run), _limit(run)
+    if not rows:
+        return
+    bars = [(f"{r.server}\n({r.images_per_s / r.requests_per_s:.0f}/request)", _ms_per_image(r))
+            for r in rows if r.requests_per_s > 0]  # fmt: skip
+    if limit:
+        bars += [(f"in-process\n{way}", limit[f"{way}_ms_per_photo"]) for way in LIMIT_WAYS]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    colours = [_colour(label) for label, _ in bars]
+    ax.bar(range(len(bars)), [b[1] for b in bars], color=colours)
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
+    ax.set(ylabel="server CPU ms per photo", title="12 MP phone JPEGs, EfficientNet-Lite0")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "phone_cpu_per_photo.png", dpi=120)
+    plt.close(fig)
