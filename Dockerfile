@@ -61,8 +61,7 @@ RUN set -eu; mkdir -p "$BENTOML_HOME/models"; \
     *) echo "MODEL_SOURCE must be train or dir, not $MODEL_SOURCE" >&2; exit 1 ;; \
     esac; \
     rm -rf /tmp/model-dir /src/runs; \
-    ls "$BENTOML_HOME/models/fashion-lenet5" "$BENTOML_HOME/models/imagenet-efficientnet-lite0" \
-      >/dev/null
+    ls "$BENTOML_HOME"/models/*/latest >/dev/null  # at least one model; all are served
 
 # --- serving dependencies, no torch, no compilers in the final image ------------------------
 FROM base AS deps
@@ -109,7 +108,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     BENTOML_HOME=/opt/convserve/bentoml \
     BENTOML_DO_NOT_TRACK=true \
     PYTHONUNBUFFERED=1 \
-    CONVSERVE_MODELS=fashion-lenet5:latest,imagenet-efficientnet-lite0:latest \
+    CONVSERVE_MODELS=* \
     CONVSERVE_PROVIDERS=tensorrt,cuda,cpu
 USER 10001
 EXPOSE 3000
@@ -138,7 +137,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     TMPDIR=/tmp \
-    CONVSERVE_MODELS=fashion-lenet5:latest,imagenet-efficientnet-lite0:latest
+    CONVSERVE_MODELS=*
 USER 10001
 EXPOSE 3000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \

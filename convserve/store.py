@@ -158,6 +158,11 @@ def load_model(tag: str) -> StoredModel:
     )
 
 
+def stored_names() -> list[str]:
+    """The name of every model in the store, in name order."""
+    return sorted({r.tag.name for r in bentoml.models.list()})
+
+
 def list_versions(name: str) -> list[StoredModel]:
     """Every stored version of `name`, newest first."""
     refs = sorted(bentoml.models.list(name), key=lambda r: r.info.creation_time, reverse=True)

@@ -24,7 +24,7 @@ from convserve.runtime import OnnxModel, ProviderError, SessionConfig, make_sess
 from convserve.service.batching import Batcher
 from convserve.service.clock import Clock
 from convserve.service.metrics import ServiceMetrics
-from convserve.service.settings import ServiceSettings
+from convserve.service.settings import ALL_MODELS, ServiceSettings
 from convserve.service.task import Task
 from convserve.spec import ONNX_METADATA_KEY, ModelSpec
 from convserve.store import (
@@ -33,6 +33,7 @@ from convserve.store import (
     StoreError,
     load_model,
     read_known_answer,
+    stored_names,
     verify_files,
 )
 
@@ -149,9 +150,20 @@ def _refuse_duplicates(tags: list[str]) -> None:
         raise StartupError(f"a model is listed twice in CONVSERVE_MODELS: {', '.join(tags)}")
 
 
+def served_tags(settings: ServiceSettings) -> list[str]:
+    """The tags CONVSERVE_MODELS names: as listed, or for `*` every stored model's latest
+    version in name order (a container built from a directory of models serves them all)."""
+    if settings.models != [ALL_MODELS]:
+        return list(settings.models)
+    names = stored_names()
+    if not names:
+        raise StartupError("CONVSERVE_MODELS is * (every stored model), but the store is empty")
+    return [f"{name}:latest" for name in names]
+
+
 def preflight(settings: ServiceSettings) -> None:
     """Everything start-up checks, done once before any worker starts."""
-    _refuse_duplicates([open_model(tag, settings)[0].tag for tag in settings.models])
+    _refuse_duplicates([open_model(tag, settings)[0].tag for tag in served_tags(settings)])
 
 
 @dataclass
@@ -164,10 +176,6 @@ class ServedModel:
     @property
     def spec(self) -> ModelSpec:
         return self.stored.spec
-
-    @property
-    def classifier(self) -> OnnxModel:
-        return self.model
 
 
 @dataclass
@@ -194,7 +202,7 @@ class ModelPool:
         """Every configured model opened, verified and given its task (from `tasks`, by the
         spec's task name) and its batcher."""
         models = []
-        for tag in settings.models:
+        for tag in served_tags(settings):
             stored, model = open_model(tag, settings)
             task = task_of(stored, tasks)
             batcher = Batcher(

@@ -60,16 +60,19 @@ BINARY = {"schema": {"type": "string", "format": "binary"}}
 IMAGE_BODIES = {f"image/{kind}": BINARY for kind in ("png", "jpeg", "webp", "gif")}
 
 
-def multipart_schema(*fields: str, many: bool = True) -> dict:
-    """A multipart form whose `fields` are image files (`images`: one or more)."""
+def multipart_schema(*fields: str, many: bool = True, most: int | None = None) -> dict:
+    """A multipart form whose `fields` are image files (`images`: one or more), and nothing
+    else: a part of another name is refused (`form_files`), never dropped."""
     file = {"type": "string", "format": "binary"}
+    array: dict = {"type": "array", "items": file, "minItems": 1,
+                   "description": "one or more image files (repeat the part)"}  # fmt: skip
+    if most is not None:
+        array = {**array, "maxItems": most, "description": f"at most {most} image file(s)"}
     properties = {
-        name: {"type": "array", "items": file, "minItems": 1, "description":
-               "one or more image files (repeat the part)"} if many else
-              {**file, "description": "an image file"}
-        for name in fields
-    }  # fmt: skip
-    return {"type": "object", "required": list(fields), "properties": properties}
+        name: array if many else {**file, "description": "an image file"} for name in fields
+    }
+    return {"type": "object", "required": list(fields), "properties": properties,
+            "additionalProperties": False}  # fmt: skip
 
 
 def query(query_string: bytes) -> dict[str, str]:
@@ -96,7 +99,8 @@ def parse_json(body: bytes, schema: type[JsonBody]) -> JsonBody:
 def form_files(
     body: bytes, content_type: str, inference: Inference, fields: tuple[str, ...]
 ) -> dict[str, list[Upload]]:
-    """The form's file parts of each of `fields`, in order; text in their place is refused."""
+    """The form's file parts of each of `fields`, in order. Text in their place, and any part
+    of another name, is refused: nothing the client sent is silently dropped."""
     limit = inference.settings.max_images_per_request
     if media_type(content_type) == "application/x-www-form-urlencoded":  # no files possible
         names = [name for name, _ in parse_qsl(body.decode("latin-1"), keep_blank_values=True)]
@@ -106,7 +110,12 @@ def form_files(
     found: dict[str, list[Upload]] = {name: [] for name in fields}
     for part in parts:
         if part.name not in found:
-            continue
+            takes = " and ".join(f"`{name}`" for name in fields)
+            raise InvalidInput(
+                "invalid_request",
+                f"unexpected form field {part.name!r}: this route takes {takes} parts only "
+                "(parameters go in the query string)",
+            )
         if part.filename is None:
             raise InvalidInput(
                 "invalid_request",

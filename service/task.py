@@ -21,14 +21,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from convserve.runtime import OnnxModel
+from convserve.service.batching import Infer, Rows
 from convserve.service.settings import ServiceSettings
 from convserve.spec import ModelSpec
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
-
-Rows = np.ndarray | tuple[np.ndarray, ...]  # arrays of N rows each: inputs, or answers
-Infer = Callable[[Rows], Rows]
 
 
 @dataclass(frozen=True)

@@ -177,16 +177,29 @@ def builder(tmp_path_factory):
     subprocess.run([*BUILDAH, "rmi", "--prune"], capture_output=True)
 
 
+def _readme_container_recipe() -> tuple[str, list[str]]:
+    """The README's recipe for an image of the local store's models: its copy command, and its
+    `docker build` line's arguments."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Container image", 1)[1].split("```bash", 1)[1].split("```")[0]
+    lines = [line for line in section.splitlines() if line and not line.startswith("#")]
+    copy = next(line for line in lines if line.startswith("mkdir -p build/store"))
+    build = next(line for line in lines if "MODEL_SOURCE=dir" in line).split()
+    assert build[:2] == ["docker", "build"] and build[-3:-1] == ["-t", "convserve"], build
+    return copy, build[2:-3]
+
+
 @pytest.fixture(scope="module")
 def image(builder, default_stored, imagenet_stored, bentoml_home):
-    """The CPU image, serving the default models (the trained LeNet-5 and EfficientNet-Lite0
-    with its ImageNet weights) exported by the test session."""
-    store = ROOT / "build" / "container-store"
+    """The CPU image built as the README says: its copy of the local store's models into
+    build/store (the test session's store standing for ~/bentoml), then its `docker build`
+    arguments (buildah standing for Docker)."""
+    copy, build_args = _readme_container_recipe()
+    store = ROOT / "build" / "store"
     shutil.rmtree(store, ignore_errors=True)
-    for name in ("fashion-lenet5", "imagenet-efficientnet-lite0"):
-        shutil.copytree(bentoml_home / "models" / name, store / name)
-    _build(IMAGE_TAG, builder, "--build-arg", "MODEL_SOURCE=dir",
-           "--build-arg", "MODEL_DIR=build/container-store")  # fmt: skip
+    subprocess.run(["bash", "-c", copy.replace("~/bentoml", str(bentoml_home))], cwd=ROOT,
+                   check=True)  # fmt: skip
+    _build(IMAGE_TAG, builder, *build_args)
     yield IMAGE_TAG
     shutil.rmtree(store, ignore_errors=True)
 

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from convserve.errors import ConvserveError
+from convserve.errors import ConvserveError, InvalidInput
 from convserve.runtime import OnnxClassifier, ProviderError, SessionConfig, make_session
 from convserve.service import oip
 from convserve.service.admission import Admission, AdmissionMiddleware
@@ -524,3 +524,37 @@ def test_top_k_lists_match_numpy_top_k_ties_included(shape, k):
     indices, values = top_k(p, k)
     assert top_k_lists(p, k) == (indices.tolist(), values.tolist())
     assert top_k_lists(p, k)[0][0][:2] == [1, 2][:k]
+
+
+def test_a_star_serves_every_stored_model_and_stands_alone(quick_stored):
+    """`CONVSERVE_MODELS=*`, as the container image sets it: every stored model's latest
+    version, in name order, so an image built from a directory serves what it holds."""
+    import bentoml
+
+    from convserve.service.pool import served_tags
+
+    tags = served_tags(ServiceSettings(models=["*"]))
+    names = sorted({m.tag.name for m in bentoml.models.list()})
+    assert tags == [f"{name}:latest" for name in names] and "quick-lenet5:latest" in tags
+    with pytest.raises(ValueError, match="stands alone"):
+        ServiceSettings(models=["*", "quick-lenet5:latest"])
+
+
+def test_the_default_top_k_is_capped_at_the_class_count(quick_stored):
+    """A default of 15 on a 10-class model answers 10 predictions (an imported 3-class model
+    with the default of 5 answers 3); an explicit top_k past the classes is still refused."""
+    from convserve.service.inference import Inference
+    from convserve.service.pool import ModelPool
+    from convserve.service.tasks import TASKS
+
+    settings = ServiceSettings(models=[quick_stored[1].tag], default_top_k=15)
+    pool = ModelPool.load(settings, None, TASKS)
+    try:
+        inference, classify = Inference.create(settings, pool), TASKS["classify"]
+        served, k = classify.resolve(inference, None, None, None)
+        assert (served.spec.num_classes, k) == (10, 10)
+        with pytest.raises(InvalidInput) as err:
+            classify.resolve(inference, None, None, 11)
+        assert err.value.code == "invalid_top_k"
+    finally:
+        pool.shutdown()

@@ -83,6 +83,8 @@ def test_models_lists_each_task_and_its_routes(client):
     assert 0 < versions["fashion-siamese"]["embed"]["threshold"] < 4
     assert versions["styletransfer-multistyle26"]["stylize"]["styles"] == 26
     assert versions["styletransfer-multistyle26"]["input"]["resize"] == "none"
+    assert versions["imagenet-efficientnet-lite0"]["input"]["reduced_decode"] is True
+    assert versions["imagenet-efficientnet-lite0"]["recipe"].endswith("reduced decode")
 
 
 def test_the_open_inference_protocol_serves_the_detectors_raw_outputs(client, scenes):
@@ -158,6 +160,47 @@ def test_boxes_are_in_the_uploads_own_pixels_for_a_non_square_upload(client, sce
         expected = [max(0, back_x[0]), min(128, back_x[1]), max(0, back_y[0]), back_y[1]]
         assert np.allclose(got, expected, atol=0.05), (got, expected)
         assert d["box"]["y2"] <= 128 * 1.01 + 1  # inside the scene's part of the upload
+
+
+def test_a_large_jpeg_scene_is_decoded_reduced_and_its_boxes_land_on_the_upload(client, scenes):
+    """The scene 16 times larger (2048 px JPEG): decoded at 1/8, its boxes still come back in
+    the upload's own pixels, 16 times the 128 px scene's."""
+    scene = scenes.images[3]
+    big = Image.fromarray(scene).resize((2048, 2048), Image.Resampling.NEAREST)
+    (small,) = _detect(client, [png(scene)], score_threshold=0.5)
+    (large,) = _detect(client, [encode(big, "JPEG", quality=95)], score_threshold=0.5)
+    assert (large["width"], large["height"]) == (2048, 2048)
+    assert sorted(d["index"] for d in large["detections"]) == sorted(
+        d["index"] for d in small["detections"]
+    )
+    for d in large["detections"]:
+        e = min(
+            (e for e in small["detections"] if e["index"] == d["index"]),
+            key=lambda e: abs(e["box"]["x1"] * 16 - d["box"]["x1"]),
+        )
+        got = [d["box"][k] for k in ("x1", "y1", "x2", "y2")]
+        assert np.allclose(got, [e["box"][k] * 16 for k in ("x1", "y1", "x2", "y2")], atol=48)
+
+
+def test_a_48_mp_phone_photo_is_classified(client, imagenet_stored):
+    """8000 x 6000, about 8 MB: within the body limit, decoded at 1/8, the answer a full
+    decode gives in-process."""
+    from convserve.models.data import phone_photos
+    from convserve.preprocess import ImageLimits, from_bytes
+
+    (data,) = phone_photos((8000, 6000), ("coffee.png",))
+    files = [("images", ("phone.jpg", data, "image/jpeg"))]
+    resp = client.post(
+        "/classify", params={"model": "imagenet-efficientnet-lite0", "top_k": 1}, files=files
+    )
+    assert resp.status_code == 200, resp.text
+    (prediction,) = resp.json()["results"][0]["predictions"]
+    full = imagenet_stored.spec.input.model_copy(update={"reduced_decode": False})
+    session = ort.InferenceSession(str(imagenet_stored.path), providers=["CPUExecutionProvider"])
+    x = from_bytes(data, full, ImageLimits(max_pixels=50_000_000))  # in full: 48 M pixels
+    logits = session.run(None, {session.get_inputs()[0].name: x[None]})[0]
+    assert prediction["index"] == int(logits.argmax()) == 967  # espresso
+    assert client.get("/readyz").status_code == 200
 
 
 def test_detect_takes_raw_bodies_and_json_and_refuses_bad_thresholds(client, scenes):
@@ -309,6 +352,28 @@ def test_verify_refuses_anything_but_two_images(client, fashion_test):
         assert_error(client.post("/verify", files=files), 422, "invalid_request")
     for images in ([b64], [b64, b64, b64]):
         assert_error(client.post("/verify", json={"images": images}), 422, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    ("route", "fields"),
+    [
+        ("/classify", ("images",)),
+        ("/detect", ("images",)),
+        ("/embed", ("images",)),
+        ("/verify", ("a", "b")),
+        ("/stylize", ("images",)),
+    ],
+)
+def test_every_route_refuses_a_part_it_does_not_take(client, fashion_test, route, fields):
+    """A third image `c` beside `a` and `b`, or a parameter sent as a form field, would be
+    dropped unseen: each is refused, naming the field."""
+    one = png(fashion_test.images[0])
+    files = [(name, (f"{name}.png", one)) for name in fields]
+    for extra in ([("c", ("c.png", one))], [("top_k", (None, "3"))]):
+        resp = client.post(route, files=files + extra)
+        assert_error(resp, 422, "invalid_request")
+        assert repr(extra[0][0]) in resp.json()["error"]["message"]
+    assert client.post(route, files=files).status_code == 200
 
 
 # --- style transfer ----------------------------------------------------------------------------

@@ -81,7 +81,8 @@ class ClassifyTask(Task):
     ) -> tuple[ServedModel, int]:
         """The served classifier a request names, and its top-k (the default when absent)."""
         served = inference.resolve(model, version, self.name)
-        k = inference.settings.default_top_k if k is None else k
+        if k is None:  # the default asks for at most what the model has: a 3-class model gives 3
+            return served, min(inference.settings.default_top_k, served.spec.num_classes)
         if k > served.spec.num_classes:
             raise InvalidInput(
                 "invalid_top_k",

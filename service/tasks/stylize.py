@@ -134,20 +134,7 @@ class StylizeTask(Task):
                 "requestBody": {
                     "required": True,
                     "content": {
-                        "multipart/form-data": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["images"],
-                                "properties": {
-                                    "images": {
-                                        "type": "array",
-                                        "minItems": 1,
-                                        "maxItems": 1,
-                                        "items": {"type": "string", "format": "binary"},
-                                    }
-                                },
-                            }
-                        },
+                        "multipart/form-data": {"schema": rest.multipart_schema("images", most=1)},
                         **rest.IMAGE_BODIES,
                         "application/json": {"schema": json_body_schema(StylizeJsonRequest)},
                     },
