@@ -221,3 +221,32 @@ def test_the_stylized_png_is_cropped_to_the_upload():
     assert img.size == (50, 33) and img.mode == "RGB"
     expected = (np.clip(padded[:, :33, :50], 0, 1).transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
     assert np.array_equal(np.asarray(img), expected)
+
+
+def test_tau_is_chosen_on_held_out_classes_and_transfers_to_unseen_ones(
+    siamese_run, siamese_stored
+):
+    """tau comes from pairs of classes the network never trained on (the training split's),
+    and on the unseen test pairs it is right more often than tau chosen on seen classes: their
+    distances are not the unseen classes'."""
+    import json
+
+    import onnxruntime as ort
+
+    from convserve.models.data import load_fashion_mnist
+    from convserve.models.siamese import UNSEEN
+    from convserve.preprocess import from_pixels
+    from convserve.tasks.embed import squared_distance, verification_pairs
+
+    metrics = json.loads((siamese_run / "metrics.json").read_text())
+    best = next(h for h in metrics["history"] if h["epoch"] == metrics["best_epoch"])
+    tau, seen_tau = siamese_stored.spec.embed.threshold, best["seen_classes_threshold"]
+    assert tau == pytest.approx(best["threshold"]) and tau != seen_tau
+    test = load_fashion_mnist("test")
+    idx = np.flatnonzero(np.isin(test.labels, UNSEEN))
+    session = ort.InferenceSession(str(siamese_stored.path), providers=["CPUExecutionProvider"])
+    x = from_pixels(test.images[idx], siamese_stored.spec.input)
+    embeddings = session.run(None, {session.get_inputs()[0].name: x})[0]
+    pairs, same = verification_pairs(test.labels[idx], 2000, seed=2)
+    d = squared_distance(embeddings[pairs[:, 0]], embeddings[pairs[:, 1]])
+    assert ((d <= tau) == same).mean() > ((d <= seen_tau) == same).mean()

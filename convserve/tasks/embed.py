@@ -97,8 +97,11 @@ def best_threshold(distances: np.ndarray, same: np.ndarray) -> tuple[float, floa
     return tau, float(correct[i] / len(d))
 
 
-def _pairs(labels: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """`count` index pairs of a labelled set, half the same class and half different."""
+def verification_pairs(
+    labels: np.ndarray, count: int = 3000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """`count` index pairs of a labelled set (seeded), half the same class and half different:
+    the evaluation's pairs."""
     rng = np.random.default_rng(seed)
     by_class = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
     classes = list(by_class)
@@ -113,13 +116,6 @@ def _pairs(labels: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.nd
         pairs.append((a, b))
         same.append(i % 2 == 0)
     return np.array(pairs), np.array(same)
-
-
-def verification_pairs(
-    labels: np.ndarray, count: int = 3000, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """The evaluation's pairs of a labelled set (seeded): same and different, half each."""
-    return _pairs(labels, count, seed)
 
 
 def one_shot_accuracy(
@@ -138,8 +134,3 @@ def one_shot_accuracy(
         d = ((embeddings[refs] - embeddings[query]) ** 2).sum(1)
         right += int(np.argmin(d) == truth)
     return right / trials
-
-
-def pair_distances(embeddings: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    diff = embeddings[pairs[:, 0]] - embeddings[pairs[:, 1]]
-    return (diff**2).sum(1)
