@@ -34,9 +34,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from convserve.models.data import TEST_SCENES, load_fashion_mnist, load_scenes
+from convserve.models.evaluation import (
+    mean_average_precision,
+    roc_auc,
+    roc_auc_by_kind,
+    verification_pairs,
+)
 from convserve.spec import FASHION_MNIST_LABELS
-from convserve.tasks.detect import Detections, mean_average_precision
-from convserve.tasks.embed import roc_auc, roc_auc_by_kind, verification_pairs
+from convserve.tasks.detect import Detections
 
 UNSEEN, SEEN = (7, 8, 9), (0, 1, 2, 3, 4, 5, 6)
 

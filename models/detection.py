@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from convserve.models.data import SCENES, TEST_SCENES, load_scenes
+from convserve.models.evaluation import mean_average_precision
 from convserve.models.objectives import OBJECTIVES, Evaluation, Objective, Prepared, to_inputs
 from convserve.spec import (
     FASHION_MNIST_LABELS,
@@ -32,7 +33,7 @@ from convserve.spec import (
     DetectSpec,
     InputSpec,
 )
-from convserve.tasks.detect import Detections, mean_average_precision, select, shape_iou
+from convserve.tasks.detect import Detections, select, shape_iou
 
 if TYPE_CHECKING:
     from convserve.models.train import TrainConfig, Trainer

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from convserve.tasks.embed import of_kind, pair_kinds  # noqa: E402
+from convserve.models.evaluation import of_kind, pair_kinds  # noqa: E402
 
 CURVE_KEYS = {"epoch", "elapsed_s", "train_loss", "test_loss"}
 

@@ -42,6 +42,12 @@ import torch.nn.functional as F
 
 from convserve.models.data import load_fashion_mnist
 from convserve.models.embedding import head_parts
+from convserve.models.evaluation import (
+    best_threshold,
+    one_shot_accuracy,
+    roc_auc,
+    verification_pairs,
+)
 from convserve.models.objectives import OBJECTIVES, Evaluation, Objective, Prepared, to_inputs
 from convserve.spec import (
     FASHION_MNIST_LABELS,
@@ -50,13 +56,7 @@ from convserve.spec import (
     EmbedSpec,
     InputSpec,
 )
-from convserve.tasks.embed import (
-    best_threshold,
-    one_shot_accuracy,
-    roc_auc,
-    squared_distance,
-    verification_pairs,
-)
+from convserve.tasks.embed import squared_distance
 
 if TYPE_CHECKING:
     from convserve.models.train import TrainConfig, Trainer

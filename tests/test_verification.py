@@ -14,6 +14,7 @@ from PIL import Image
 
 from convserve.errors import InvalidInput
 from convserve.models.embedding import EmbeddingNet, head_parts
+from convserve.models.evaluation import best_threshold, one_shot_accuracy, roc_auc, roc_auc_by_kind
 from convserve.models.objectives import Prepared
 from convserve.models.siamese import (
     GROUP_IMAGES,
@@ -25,14 +26,7 @@ from convserve.models.siamese import (
 )
 from convserve.models.style import content_cost, gram, layer_style_cost, style_cost
 from convserve.spec import InputSpec
-from convserve.tasks.embed import (
-    best_threshold,
-    one_shot_accuracy,
-    pairwise_squared_distances,
-    roc_auc,
-    roc_auc_by_kind,
-    unit,
-)
+from convserve.tasks.embed import pairwise_squared_distances, unit
 from convserve.tasks.stylize import style_weights, to_png
 
 
@@ -159,7 +153,12 @@ def test_roc_auc_and_the_threshold_of_hand_worked_scores():
     assert roc_auc(np.array([0.5, 0.5]), np.array([1, 0], bool)) == 0.5  # a tie counts half
     d = np.array([0.1, 0.2, 0.9, 1.5])
     tau, accuracy = best_threshold(d, np.array([True, True, False, False]))
-    assert math.isclose(tau, 0.55) and accuracy == 1.0
+    assert math.isclose(tau, 0.2) and accuracy == 1.0  # the largest distance called "same"
+    # same, different, same, different: no cut gets more than 3 of 4 right
+    tau, accuracy = best_threshold(np.array([0.1, 0.3, 0.9, 1.5]), np.array([1, 0, 1, 0], bool))
+    assert accuracy == 0.75 and tau in (0.1, 0.9)
+    tau, accuracy = best_threshold(np.array([0.4, 0.5]), np.array([False, False]))
+    assert tau == 0.0 and accuracy == 1.0  # calling every pair different is right
 
 
 def test_roc_auc_by_kind_isolates_each_same_class_against_each_class_pair():
@@ -234,9 +233,10 @@ def test_tau_is_chosen_on_held_out_classes_and_transfers_to_unseen_ones(
     import onnxruntime as ort
 
     from convserve.models.data import load_fashion_mnist
+    from convserve.models.evaluation import verification_pairs
     from convserve.models.siamese import UNSEEN
     from convserve.preprocess import from_pixels
-    from convserve.tasks.embed import squared_distance, verification_pairs
+    from convserve.tasks.embed import squared_distance
 
     metrics = json.loads((siamese_run / "metrics.json").read_text())
     best = next(h for h in metrics["history"] if h["epoch"] == metrics["best_epoch"])

@@ -4,7 +4,8 @@ anchor-shape IoU for assigning objects to anchors.
 
 Boxes are (x1, y1, x2, y2), x to the right and y down, in pixels; a box's area is
 (x2 - x1) * (y2 - y1), so boxes that only touch share no area. Torch-free: training (anchor
-assignment, evaluation) and the service both use it.
+assignment) and the service both use it; average precision is the training side's
+(`convserve.models.evaluation`).
 """
 
 from __future__ import annotations
@@ -108,92 +109,3 @@ def select(
         rows, classes, candidate_scores = rows[best], classes[best], candidate_scores[best]
     keep = batched_nms(boxes[rows], candidate_scores, classes, iou_threshold)[:max_detections]
     return Detections(boxes[rows[keep]], candidate_scores[keep], classes[keep])
-
-
-# --- evaluation: average precision, as detection papers report it ------------------------------
-
-
-def average_precision(
-    scores: np.ndarray, correct: np.ndarray, truths: int, points: int | None = None
-) -> float:
-    """AP of one class from its detections (`scores`, and whether each matched a truth) and the
-    number of true objects. `points=None`: all-points interpolation (the area under the
-    precision envelope, PASCAL VOC since 2010); `points=101`: COCO's 101 recall points."""
-    if truths == 0:
-        return float("nan")  # a class with no object in the set has no AP
-    order = np.argsort(-np.asarray(scores), kind="stable")
-    hits = np.asarray(correct, dtype=bool)[order]
-    tp, fp = np.cumsum(hits), np.cumsum(~hits)
-    recall = tp / truths
-    precision = tp / np.maximum(tp + fp, 1)
-    # The envelope: precision at recall r is the best precision at any recall >= r.
-    envelope = np.maximum.accumulate(np.concatenate([precision, [0.0]])[::-1])[::-1]
-    if points is None:
-        r = np.concatenate([[0.0], recall])
-        return float(np.sum((r[1:] - r[:-1]) * envelope[:-1]))
-    grid = np.linspace(0, 1, points)
-    at = np.searchsorted(recall, grid, side="left")
-    return float(np.mean(np.where(at < len(recall), envelope[np.minimum(at, len(recall))], 0.0)))
-
-
-def match(
-    detections: Detections, true_boxes: np.ndarray, true_classes: np.ndarray, threshold: float
-) -> np.ndarray:
-    """Which of one image's detections are correct at an IoU threshold: best score first, each
-    takes the unmatched truth of its class it overlaps most, if that IoU is at least
-    `threshold`; a truth is matched once (a second detection of it is a false positive)."""
-    correct = np.zeros(len(detections), dtype=bool)
-    if len(detections) == 0 or len(true_boxes) == 0:
-        return correct
-    overlaps = iou(detections.boxes, true_boxes)  # detections x truths
-    taken = np.zeros(len(true_boxes), dtype=bool)
-    for d in np.argsort(-detections.scores, kind="stable"):
-        candidates = (true_classes == detections.classes[d]) & ~taken
-        if not candidates.any():
-            continue
-        ious = np.where(candidates, overlaps[d], -1.0)
-        best = int(np.argmax(ious))
-        if ious[best] >= threshold:
-            taken[best] = True
-            correct[d] = True
-    return correct
-
-
-@dataclass(frozen=True)
-class MeanAP:
-    map50: float  # mean over classes of AP at IoU 0.5, all-points interpolation
-    map50_95: float  # COCO-style: mean over IoU 0.50, 0.55, ... 0.95 and classes, 101 points
-    per_class50: list[float]  # AP at 0.5 of each class (nan: no object of it)
-
-
-def mean_average_precision(
-    predictions: list[Detections],
-    truths: list[tuple[np.ndarray, np.ndarray]],
-    num_classes: int,
-) -> MeanAP:
-    """mAP over a set of images: `predictions[i]` against `truths[i]` = (boxes K x 4,
-    classes K)."""
-
-    def ap_at(threshold: float, points: int | None) -> list[float]:
-        per_class_scores: list[list[float]] = [[] for _ in range(num_classes)]
-        per_class_hits: list[list[bool]] = [[] for _ in range(num_classes)]
-        counts = np.zeros(num_classes, dtype=np.int64)
-        for dets, (boxes, classes) in zip(predictions, truths, strict=True):
-            correct = match(dets, boxes, classes, threshold)
-            for c, s, ok in zip(dets.classes, dets.scores, correct, strict=True):
-                per_class_scores[int(c)].append(float(s))
-                per_class_hits[int(c)].append(bool(ok))
-            counts += np.bincount(np.asarray(classes, dtype=np.int64), minlength=num_classes)
-        return [
-            average_precision(
-                np.asarray(per_class_scores[c]),
-                np.asarray(per_class_hits[c]),
-                int(counts[c]),
-                points,
-            )
-            for c in range(num_classes)
-        ]
-
-    per_class50 = ap_at(0.5, None)
-    coco = [np.nanmean(ap_at(t, 101)) for t in np.arange(0.5, 0.96, 0.05)]
-    return MeanAP(float(np.nanmean(per_class50)), float(np.mean(coco)), per_class50)
