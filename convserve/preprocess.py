@@ -245,9 +245,9 @@ def _decoded(img: Image.Image, spec: InputSpec, name: str) -> Image.Image:
     """An opened upload's pixels: a JPEG decoded at its DCT scale (`draft`, set before any
     pixel is decoded), anything else in full. An image already decoded is returned as is."""
     if getattr(img, "tile", None):
-        scale = _jpeg_scale(img, spec)
-        if scale > 1:
-            img.draft(None, decoded_size(img, spec))
+        size = decoded_size(img, spec)
+        if size != img.size:
+            img.draft(None, size)
     return load(img, name=name)
 
 
@@ -292,18 +292,14 @@ def _resized(
     the resampling starts, never the geometry."""
     w, h = size
     W, H = spec.width, spec.height  # noqa: N806 - the input's size, as the recipe names it
-    filt = RESAMPLING[spec.interpolation]
-    if spec.resize == "stretch":
-        if img.size != (W, H):
-            img = img.resize((W, H), filt)
-        return img, Placement(w, h, W / w, H / h)
+    target = _first_resize(spec, w, h)
+    if target is None:  # none, and the image fits: its own size
+        return img, Placement(w, h)
+    nw, nh = target
+    if img.size != target:
+        img = img.resize(target, RESAMPLING[spec.interpolation])
     if spec.resize == "crop":
         # torchvision's Resize(resize_to) + CenterCrop((H, W)), on PIL images, exactly.
-        target = _first_resize(spec, w, h)
-        assert target is not None
-        nw, nh = target
-        if (nw, nh) != img.size:
-            img = img.resize((nw, nh), filt)
         if nw < W or nh < H:  # narrower than the crop: centred on the pad value, as torchvision
             pw, ph = max(W, nw), max(H, nh)
             img = _canvas(img, pw, ph, (pw - nw) // 2, (ph - nh) // 2, spec.pad_value)
@@ -317,23 +313,12 @@ def _resized(
         sx, sy = (nw - 2 * shift_x) / w, (nh - 2 * shift_y) / h
         return img, Placement(w, h, sx, sy, shift_x - left, shift_y - top)
     if spec.resize == "letterbox":
-        target = _first_resize(spec, w, h)
-        assert target is not None
-        nw, nh = target
-        if (nw, nh) != img.size:
-            img = img.resize((nw, nh), filt)
         left, top = (W - nw) // 2, (H - nh) // 2
         if (nw, nh) != (W, H):
             img = _canvas(img, W, H, left, top, spec.pad_value)
         return img, Placement(w, h, nw / w, nh / h, left, top)
-    # none: the image's own size, scaled down to fit the largest input when bigger.
-    target = _first_resize(spec, w, h)
-    if target is not None:
-        nw, nh = target
-        if (nw, nh) != img.size:
-            img = img.resize((nw, nh), filt)
-        return img, Placement(w, h, nw / w, nh / h)
-    return img, Placement(w, h)
+    # stretch, and none scaled down to fit the largest input
+    return img, Placement(w, h, nw / w, nh / h)
 
 
 def image_pixels(
@@ -386,9 +371,9 @@ def _pad_to_multiple(chw: np.ndarray, multiple: int) -> np.ndarray:
     return np.pad(chw, ((0, 0), (0, ph), (0, pw)), mode=mode)
 
 
-def image_to_input(img: Image.Image, spec: InputSpec) -> np.ndarray:
+def image_to_input(img: Image.Image, spec: InputSpec, *, name: str = "image") -> np.ndarray:
     """Any-size, any-mode image -> one model input (no batch axis), as the model was trained."""
-    return model_input(image_pixels(img, spec)[0][None], spec)[0]
+    return model_input(image_pixels(img, spec, name=name)[0][None], spec)[0]
 
 
 def normalize(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -447,7 +432,7 @@ def from_bytes(
     (reduced where the recipe allows); `InvalidInput` if they are not an image."""
     img = open_image(data, limits, name=name, spec=spec)
     try:
-        return model_input(image_pixels(img, spec, name=name)[0][None], spec)[0]
+        return image_to_input(img, spec, name=name)
     finally:
         img.close()
 
