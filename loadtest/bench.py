@@ -148,14 +148,6 @@ def _probe(url: str, prefix: list[str], requests: int) -> dict:
     return json.loads(done.stdout)
 
 
-def _phone_limit(files: ModelFiles, threads: int, prefix: list[str], folder: Path) -> dict:
-    """CPU per phone photo in-process, each way of decoding it (loadtest/inprocess.py)."""
-    cmd = [*prefix, PY, "-m", "convserve.loadtest.inprocess", "--onnx", files.onnx,
-           "--spec", files.spec, "--threads", str(threads), "--phone", str(folder)]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)
-
-
 def _phone_answers(url: str, folder: Path, model: str) -> list[int]:
     """The top-1 index a multipart server answers for each phone photo, one request each."""
     import requests
@@ -169,25 +161,19 @@ def _phone_answers(url: str, folder: Path, model: str) -> list[int]:
     return answers
 
 
-def _limit(files: ModelFiles, threads: int, prefix: list[str], quick: bool, photos: bool) -> dict:
-    cmd = [
-        *prefix,
-        PY,
-        "-m",
-        "convserve.loadtest.inprocess",
-        "--onnx",
-        files.onnx,
-        "--spec",
-        files.spec,
-        "--threads",
-        str(threads),
-        "--seconds",
-        "1" if quick else "3",
-    ]
-    if photos:
-        cmd += ["--photos", "--batch-sizes", "1,8,16"]
+def _inprocess(files: ModelFiles, threads: int, prefix: list[str], *options: str) -> dict:
+    """loadtest/inprocess.py on the server's cores, with the server's threads: its JSON."""
+    cmd = [*prefix, PY, "-m", "convserve.loadtest.inprocess", "--onnx", files.onnx,
+           "--spec", files.spec, "--threads", str(threads), *options]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
+
+
+def _limit(files: ModelFiles, threads: int, prefix: list[str], quick: bool, photos: bool) -> dict:
+    options = ["--seconds", "1" if quick else "3"]
+    if photos:
+        options += ["--photos", "--batch-sizes", "1,8,16"]
+    return _inprocess(files, threads, prefix, *options)
 
 
 def _measure(
@@ -278,7 +264,10 @@ def run(args: argparse.Namespace) -> Path:
             )
             if phone.is_dir() and model == "efficientnet-lite0":
                 print("in-process limit: efficientnet-lite0 on phone photos", flush=True)
-                limits[model]["phone"] = _phone_limit(files, threads, server_prefix, phone)
+                # CPU per phone photo, each way of decoding it
+                limits[model]["phone"] = _inprocess(
+                    files, threads, server_prefix, "--phone", str(phone)
+                )
         for scenario in chosen:
             if scenario.model in missing:
                 k += len(scenario.users)

@@ -18,6 +18,7 @@ from convserve.loadtest.scenarios import (  # noqa: E402
     SINGLE,
     SINGLE_OIP,
     SINGLE_RAW,
+    goal_row,
 )
 
 if TYPE_CHECKING:
@@ -179,24 +180,19 @@ def batching_table(results: list[Result]) -> list[str]:
     return lines
 
 
-def _goal(name: str, target: str, value: str, met: bool | None) -> str:
-    verdict = "not measured" if met is None else ("met" if met else "**missed**")
-    return f"| {name} | {target} | {value} | {verdict} |"
-
-
 def _work_per_cpu(run: Run, users: int, factor: float) -> str:
     """Requests per server-CPU-second, convserve ÷ the lean FastAPI peer, on one request shape."""
     ours, lean = run.find(SINGLE, "convserve", users), run.find(SINGLE, "fastapi-lean", users)
     name = f"requests per server-CPU-second vs fastapi-lean, {users} users"
     if not (ours and lean and ours.cpu_us_per_request):
-        return _goal(name, f"≥ {factor:g}×", "–", None)
+        return goal_row(name, f"≥ {factor:g}×", "–", None)
     ratio = lean.cpu_us_per_request / ours.cpu_us_per_request
     value = (
         f"{1e6 / ours.cpu_us_per_request:,.0f} ÷ {1e6 / lean.cpu_us_per_request:,.0f} "
         f"= {ratio:.2f}× ({ours.cpu_us_per_request:.0f} vs {lean.cpu_us_per_request:.0f} "
         "µs per request)"
     )
-    return _goal(name, f"≥ {factor:g}×", value, ratio >= factor)
+    return goal_row(name, f"≥ {factor:g}×", value, ratio >= factor)
 
 
 def _ahead(run: Run, users: int) -> str:
@@ -210,13 +206,13 @@ def _ahead(run: Run, users: int) -> str:
             margins.append((ours.requests_per_s / max(r.requests_per_s, 1e-9), r, ours))
     name = f"ahead of every peer, {users} users (req/s, same request shape)"
     if not margins:
-        return _goal(name, "> 1× each", "–", None)
+        return goal_row(name, "> 1× each", "–", None)
     ratio, peer, ours = min(margins, key=lambda m: m[0])
     value = (
         f"closest: {peer.server} ({peer.shape}) {peer.requests_per_s:,.0f} vs "
         f"{ours.requests_per_s:,.0f} req/s = {ratio:.2f}×; {len(margins)} peers"
     )
-    return _goal(name, "> 1× each", value, ratio > 1.0)
+    return goal_row(name, "> 1× each", value, ratio > 1.0)
 
 
 def goals(run: Run) -> list[str]:
@@ -228,7 +224,7 @@ def goals(run: Run) -> list[str]:
     if ours and floor and floor.cpu_us_per_request:
         ratio = ours.cpu_us_per_request / floor.cpu_us_per_request
         lines.append(
-            _goal(
+            goal_row(
                 "server CPU per request vs the floor, 64 users",
                 f"≤ {bound:g}×",
                 f"{ours.cpu_us_per_request:.0f} ÷ {floor.cpu_us_per_request:.0f} µs = {ratio:.2f}×",
@@ -237,14 +233,14 @@ def goals(run: Run) -> list[str]:
         )
     else:
         lines.append(
-            _goal("server CPU per request vs the floor, 64 users", f"≤ {bound:g}×", "–", None)
+            goal_row("server CPU per request vs the floor, 64 users", f"≤ {bound:g}×", "–", None)
         )
     for users in AHEAD_AT:
         lines.append(_ahead(run, users))
     if ours:
         bound = GOALS["p99_over_p50_64"]
         lines.append(
-            _goal(
+            goal_row(
                 "p99 at 64 users",
                 f"≤ {bound:g} × p50",
                 f"{ours.p99_ms:.0f} ms vs {bound:g} × {ours.p50_ms:.0f} ms",
@@ -258,7 +254,7 @@ def goals(run: Run) -> list[str]:
     bound = GOALS["resnet_served_over_limit"]
     if served and limit:
         lines.append(
-            _goal(
+            goal_row(
                 "ResNet-20, 32 images per request: served ÷ in-process",
                 f"≥ {bound:g}",
                 f"{served:,.0f} ÷ {limit:,.0f} images/s = {served / limit:.2f}",
@@ -268,7 +264,7 @@ def goals(run: Run) -> list[str]:
     below = [r for r in run.results if r.server.startswith("convserve") and r.users < 64]
     failures = sum(r.failures for r in below)
     lines.append(
-        _goal(
+        goal_row(
             "errors below saturation (convserve, < 64 users)",
             "0",
             f"{failures} of {sum(r.requests for r in below)} requests",

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from convserve.loadtest.scenarios import GOALS, PHONE, PHONE_ONE  # noqa: E402
+from convserve.loadtest.scenarios import GOALS, PHONE, PHONE_ONE, goal_row  # noqa: E402
 
 if TYPE_CHECKING:
     from convserve.loadtest.bench import Result, Run
@@ -25,8 +25,9 @@ LIMIT_WAYS = {
 
 
 def _ms_per_image(r: Result) -> float:
-    """Server CPU per image, in ms (its process tree over the run)."""
-    return r.cpu_us_per_request / 1000 / max(1, round(r.images_per_s / max(r.requests_per_s, 1e-9)))
+    """Server CPU per image, in ms (its process tree over the run): per request, divided by
+    the images a request carries (images/s over requests/s)."""
+    return r.cpu_us_per_request / 1000 * r.requests_per_s / max(r.images_per_s, 1e-9)
 
 
 def _rows(run: Run) -> list[Result]:
@@ -35,11 +36,6 @@ def _rows(run: Run) -> list[Result]:
 
 def _limit(run: Run) -> dict | None:
     return run.limits.get(LITE0, {}).get("phone")
-
-
-def _goal(name: str, target: str, value: str, met: bool | None) -> str:
-    verdict = "not measured" if met is None else ("met" if met else "**missed**")
-    return f"| {name} | {target} | {value} | {verdict} |"
 
 
 def goals(run: Run) -> list[str]:
@@ -53,24 +49,24 @@ def goals(run: Run) -> list[str]:
         if ours and lean and ours.cpu_us_per_request:
             a, b = _ms_per_image(ours), _ms_per_image(lean)
             value = f"{1000 / a:.1f} ÷ {1000 / b:.1f} = {b / a:.2f}× ({a:.1f} vs {b:.1f} ms)"
-            lines.append(_goal(name, f"≥ {factor:g}×", value, b / a >= factor))
+            lines.append(goal_row(name, f"≥ {factor:g}×", value, b / a >= factor))
         else:
-            lines.append(_goal(name, f"≥ {factor:g}×", "–", None))
+            lines.append(goal_row(name, f"≥ {factor:g}×", "–", None))
         for way in ("cheapest", "recipe"):
             name = f"server CPU per photo vs in-process, {LIMIT_WAYS[way]} ({short})"
             if ours and limit:
                 a, ref = _ms_per_image(ours), limit[f"{way}_ms_per_photo"]
                 value = f"{a:.1f} ÷ {ref:.1f} ms = {a / ref:.2f}×"
-                lines.append(_goal(name, f"≤ {bound:g}×", value, a / ref <= bound))
+                lines.append(goal_row(name, f"≤ {bound:g}×", value, a / ref <= bound))
             else:
-                lines.append(_goal(name, f"≤ {bound:g}×", "–", None))
+                lines.append(goal_row(name, f"≤ {bound:g}×", "–", None))
     ours, lean = run.answers.get("convserve"), run.answers.get("fastapi-lean")
     name = "the same top-1 as fastapi-lean on every photo"
     if ours and lean:
         same = sum(a == b for a, b in zip(ours, lean, strict=True))
-        lines.append(_goal(name, "all", f"{same} of {len(lean)}", same == len(lean)))
+        lines.append(goal_row(name, "all", f"{same} of {len(lean)}", same == len(lean)))
     else:
-        lines.append(_goal(name, "all", "–", None))
+        lines.append(goal_row(name, "all", "–", None))
     return lines
 
 

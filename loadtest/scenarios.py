@@ -299,3 +299,9 @@ GOALS = {
     "phone_cpu_vs_limit": 1.2,  # server CPU per 12 MP JPEG ÷ the in-process limit's (at most)
 }
 AHEAD_AT = (8, 32, 64)  # user counts at which convserve must be ahead of every peer (req/s)
+
+
+def goal_row(name: str, target: str, value: str, met: bool | None) -> str:
+    """One goal as a row of the report's goals table; None: it was not measured."""
+    verdict = "not measured" if met is None else ("met" if met else "**missed**")
+    return f"| {name} | {target} | {value} | {verdict} |"
