@@ -6,13 +6,50 @@ wire format and status in one place, so the core, the pool and the batcher stay 
 
 from __future__ import annotations
 
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Every code a client can see: a closed set. Each protocol maps every one to its status
+    (`service/protocols/`); a code outside it cannot be raised."""
+
+    EMPTY_IMAGE = "empty_image"
+    INVALID_IMAGE = "invalid_image"
+    MALFORMED_BODY = "malformed_body"
+    MODEL_NOT_FOUND = "model_not_found"
+    WRONG_TASK = "wrong_task"
+    INVALID_STYLE = "invalid_style"
+    VERSION_NOT_FOUND = "version_not_found"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    BODY_TIMEOUT = "body_timeout"
+    BODY_TOO_LARGE = "body_too_large"
+    IMAGE_TOO_LARGE = "image_too_large"
+    TOO_MANY_PIXELS = "too_many_pixels"
+    UNSUPPORTED_IMAGE = "unsupported_image"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    INVALID_REQUEST = "invalid_request"
+    INVALID_TOP_K = "invalid_top_k"
+    TOO_MANY_IMAGES = "too_many_images"
+    IMAGE_TOO_SMALL = "image_too_small"
+    BAD_ASPECT_RATIO = "bad_aspect_ratio"
+    INVALID_BASE64 = "invalid_base64"
+    INVALID_TENSOR = "invalid_tensor"
+    CONFLICTING_PARAMETERS = "conflicting_parameters"
+    INTERNAL_ERROR = "internal_error"
+    BUSY = "busy"
+    TOO_MANY_UPLOADS = "too_many_uploads"
+    QUEUE_FULL = "queue_full"
+    OVERLOADED = "overloaded"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+
 
 class ConvserveError(Exception):
     """An error whose message is safe to show the client; `code` is stable and documented."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = ErrorCode(code)
         self.message = message
 
 
@@ -27,7 +64,7 @@ class NotServed(ConvserveError):
 class Overloaded(ConvserveError):
     """The server cannot take this request now; a retry after `retry_after_s` may succeed."""
 
-    def __init__(self, code: str, message: str, retry_after_s: int = 1) -> None:
+    def __init__(self, code: ErrorCode, message: str, retry_after_s: int = 1) -> None:
         super().__init__(code, message)
         self.retry_after_s = retry_after_s
 
@@ -36,5 +73,5 @@ class DeadlineExceeded(ConvserveError):
     """The request was accepted but could not be answered within its deadline."""
 
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__("deadline_exceeded", message)
+        super().__init__(ErrorCode.DEADLINE_EXCEEDED, message)
         self.retry_after_s = retry_after_s

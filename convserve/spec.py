@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import re
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -46,8 +47,21 @@ IMPORTED = "imported"  # a model file made outside convserve (`convserve import`
 # Short names for the model store: `fashion-lenet5`, `digits-lenet5`, `<folder>-lenet5`.
 _STORE_PREFIX = {FASHION_MNIST: "fashion", DIGITS: "digits", IMAGENET: "imagenet"}
 
-Task = Literal["classify", "detect", "embed", "stylize"]
-TASKS: tuple[str, ...] = ("classify", "detect", "embed", "stylize")
+
+class TaskName(StrEnum):
+    """What a model is for. One name each for the spec, the model registry, the import command
+    and the service's task plug-ins (a StrEnum: spec.json keeps the plain string)."""
+
+    CLASSIFY = "classify"
+    DETECT = "detect"
+    EMBED = "embed"
+    STYLIZE = "stylize"
+
+
+# What `convserve import` takes: a detector's outputs must be convserve's own decoded boxes, so
+# detectors are trained with convserve.
+IMPORTABLE_TASKS = (TaskName.CLASSIFY, TaskName.EMBED, TaskName.STYLIZE)
+
 Resize = Literal["stretch", "crop", "letterbox", "none"]
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 
@@ -213,7 +227,7 @@ class ModelSpec(BaseModel):
         description="what it was trained on: 'fashion-mnist', 'digits', 'imagenet', a "
         "folder-per-class root, or 'imported'",
     )
-    task: Task = "classify"
+    task: TaskName = TaskName.CLASSIFY
     kwargs: dict[str, Any] = Field(default_factory=dict, description="builder arguments")
     input: InputSpec
     labels: tuple[str, ...] = ()

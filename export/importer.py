@@ -31,12 +31,14 @@ from convserve.models.data import IMAGE_SUFFIXES, PHOTO_SIZE, load_photos
 from convserve.preprocess import from_pixels
 from convserve.runtime import OnnxModel, make_session
 from convserve.spec import (
+    IMPORTABLE_TASKS,
     IMPORTED,
     ONNX_METADATA_KEY,
     EmbedSpec,
     InputSpec,
     ModelSpec,
     StylizeSpec,
+    TaskName,
 )
 from convserve.store import StoredModel, save_model
 
@@ -53,7 +55,7 @@ class ImportRefused(Exception):
 @dataclass(frozen=True)
 class ImportOptions:
     name: str
-    task: str = "classify"
+    task: TaskName = TaskName.CLASSIFY
     labels: Path | None = None
     layout: str = "nchw"
     resize: int | None = None
@@ -123,7 +125,7 @@ def _initializers(proto: Any):  # noqa: ANN202 - every TensorProto of the graph 
 def _session(path: Path) -> Any:
     try:
         return make_session(path)
-    except Exception as exc:  # ONNX Runtime's own errors
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors, of many types
         message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise ImportRefused(
             f"ONNX Runtime cannot load {path.name} ({type(exc).__name__}: {message})"
@@ -357,9 +359,9 @@ def import_model(path: str | Path, options: ImportOptions) -> StoredModel:
         raise ImportRefused(
             f"--name {options.name!r}: use 1 to 63 lowercase letters, digits, '-', '_' or '.'"
         )
-    if options.task not in ("classify", "embed", "stylize"):
+    if options.task not in IMPORTABLE_TASKS:
         raise ImportRefused(
-            f"--task {options.task}: import takes classify, embed or stylize models (a "
+            f"--task {options.task}: import takes {', '.join(IMPORTABLE_TASKS)} models (a "
             "detector's outputs must be convserve's decoded boxes: train one with convserve)"
         )
     labels = _labels(options.labels)

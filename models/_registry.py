@@ -10,6 +10,8 @@ import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from convserve.spec import TaskName
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -28,12 +30,13 @@ _FAMILY_MODULES: tuple[str, ...] = (
 )
 
 _REGISTRY: dict[str, Builder] = {}
-_TASKS: dict[str, str] = {}  # name -> what it is trained for (convserve.spec.TASKS)
+_TASKS: dict[str, TaskName] = {}  # name -> what it is trained for
 
 
-def register_model(fn: Builder | None = None, *, task: str = "classify"):  # noqa: ANN201
-    """Register `fn` under its own name (`@register_model`, or `@register_model(task="detect")`
-    for a model trained for another task); a second builder with the same name is refused."""
+def register_model(fn: Builder | None = None, *, task: TaskName = TaskName.CLASSIFY) -> Any:
+    """Register `fn` under its own name (`@register_model`, or
+    `@register_model(task=TaskName.DETECT)` for a model trained for another task); a second
+    builder with the same name is refused."""
 
     def register(builder: Builder) -> Builder:
         name = builder.__name__
@@ -56,7 +59,7 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def task_of(name: str) -> str:
+def task_of(name: str) -> TaskName:
     """What the registered architecture `name` is trained for: classify, detect or embed."""
     _load_families()
     if name not in _TASKS:

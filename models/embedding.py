@@ -22,6 +22,7 @@ from torch import nn
 from convserve.models._registry import register_model
 from convserve.models.layers import conv_bn_relu
 from convserve.models.resnet import BasicBlock
+from convserve.spec import TaskName
 
 
 class Decoder(nn.Module):
@@ -116,7 +117,7 @@ class EmbeddingNet(nn.Module):
         return Embedder(self.features, self.project), ["embedding"]
 
 
-@register_model(task="embed")
+@register_model(task=TaskName.EMBED)
 def siamese_fashion(
     *, in_channels: int = 1, input_size: int = 28, dim: int = 128, heads: int = 2,
     grid: bool = True, decoder: bool = False,

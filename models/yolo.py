@@ -21,6 +21,7 @@ from torch import nn
 from convserve.models._registry import register_model
 from convserve.models.layers import conv_bn_relu
 from convserve.models.resnet import BasicBlock
+from convserve.spec import TaskName
 
 # Box sizes are exp(t) x anchor: a bound keeps an untrained net's exp finite in float16 too.
 MAX_LOG_SCALE = 4.0
@@ -93,7 +94,7 @@ class Decoded(nn.Module):
         return self.detector.decode(self.detector(x))
 
 
-@register_model(task="detect")
+@register_model(task=TaskName.DETECT)
 def yolo_fashion(
     *,
     in_channels: int = 1,
