@@ -357,7 +357,8 @@ def run(args: argparse.Namespace) -> Path:
 
 def write(out: Path, run: Run) -> None:
     """results.json, results.csv, the plots and summary.md (the files this harness owns)."""
-    from convserve.loadtest.report import plot, summary
+    from convserve.loadtest.plots import plot
+    from convserve.loadtest.report import summary
 
     (out / "results.json").write_text(
         json.dumps(

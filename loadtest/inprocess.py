@@ -28,6 +28,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -162,7 +163,9 @@ def _cheapest(data: bytes, spec: InputSpec) -> np.ndarray:
     return normalize(np.asarray(img).transpose(2, 0, 1), spec)  # 3 x H x W
 
 
-def phone_limit(onnx: str, spec: ModelSpec, threads: int, folder: str, batch: int, rounds: int):
+def phone_limit(
+    onnx: str, spec: ModelSpec, threads: int, folder: str, batch: int, rounds: int
+) -> dict[str, Any]:
     """CPU ms per photo (process time: decode and ONNX Runtime on this process's threads), for
     each way of decoding, over `rounds` passes through the photos in batches of `batch`."""
     session = make_session(onnx, SessionConfig(intra_op_threads=threads))

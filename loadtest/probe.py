@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from convserve.loadtest.locustfile import PNGS
+from convserve.loadtest.locustfile import pngs
 
 
 def _form(png: bytes) -> tuple[bytes, str]:
@@ -34,7 +34,7 @@ def _form(png: bytes) -> tuple[bytes, str]:
 def probe(url: str, requests: int, path: str = "/classify?top_k=1") -> dict:
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
-    forms = [_form(png) for png in PNGS[:64]]
+    forms = [_form(png) for png in pngs()[:64]]
     times = []
     for i in range(requests + 100):
         body, ctype = forms[i % len(forms)]

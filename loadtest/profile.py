@@ -47,9 +47,20 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("event loop (asyncio)", ("asyncio/",)),
     ("convserve: admission, clock", ("/service/admission.py", "/service/clock.py")),
     ("convserve: request ids, metrics layer", ("/service/requests_log.py", "/service/metrics.py")),
+    # Before and after the serving core's restructuring: the front door and the protocols were
+    # hotpath.py, rest.py and oip.py; decoding.py was inference.py.
     (
-        "convserve: routes, task handlers",
-        ("/service/hotpath.py", "/service/tasks/", "/service/rest.py", "/service/inference.py"),
+        "convserve: front door, protocols, task handlers",
+        (
+            "/service/server.py",
+            "/service/protocols/",
+            "/service/tasks/",
+            "/service/decoding.py",
+            "/service/hotpath.py",
+            "/service/rest.py",
+            "/service/oip.py",
+            "/service/inference.py",
+        ),
     ),
     ("convserve (other)", ("convserve", "/service/", "/loadtest/")),
 ]

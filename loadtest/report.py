@@ -1,17 +1,12 @@
-"""Plots and the Markdown summary of a benchmark run (loadtest/bench.py's `Run`)."""
+"""The Markdown summary of a benchmark run (loadtest/bench.py's `Run`): tables and verdicts.
+The plots are `plots.py`'s."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from convserve.loadtest import report_phone  # noqa: E402
-from convserve.loadtest.scenarios import (  # noqa: E402
+from convserve.loadtest import report_phone
+from convserve.loadtest.scenarios import (
     AHEAD_AT,
     GOALS,
     RESNET_MULTI,
@@ -27,133 +22,8 @@ if TYPE_CHECKING:
 SHAPES = (SINGLE, SINGLE_RAW, SINGLE_OIP)  # one PNG per request, three ways of sending it
 
 
-def _against_users(
-    rows: list[Result], field: str, ylabel: str, yscale: str, title: str, path: Path
-) -> None:
-    """One line per (scenario, server): `field` against concurrent users (log scale)."""
-    fig, ax = plt.subplots(figsize=(8, 5))
-    keys = sorted({(r.scenario, r.server) for r in rows}, key=lambda k: (k[1] != "convserve", k))
-    for scenario, server in keys:
-        line = sorted(
-            (r for r in rows if (r.scenario, r.server) == (scenario, server)), key=lambda r: r.users
-        )
-        if len(line) < 2:
-            continue
-        label = server if scenario == SINGLE else f"{server} ({scenario.split(', ')[-1]})"
-        style = "o-" if server.startswith("convserve") else "o--"
-        ax.plot([r.users for r in line], [getattr(r, field) for r in line], style, label=label)
-    ax.set(xlabel="concurrent users", ylabel=ylabel, xscale="log", yscale=yscale, title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot(run: Run, out: Path) -> None:
-    report_phone.plot(run, out)
-    plot_batching(run.results, out)
-    single = [r for r in run.results if r.scenario in SHAPES]
-    if not single:
-        return
-    _against_users(
-        single,
-        "requests_per_s",
-        "requests/s",
-        "linear",
-        "LeNet-5, one PNG per request: throughput",
-        out / "throughput_vs_users.png",
-    )
-    _against_users(
-        single,
-        "cpu_us_per_request",
-        "server CPU µs per request",
-        "log",
-        "LeNet-5, one PNG per request: server CPU per request",
-        out / "cpu_per_request_vs_users.png",
-    )
-    _against_users(
-        single,
-        "p99_ms",
-        "p99 latency (ms)",
-        "log",
-        "LeNet-5, one PNG per request: p99 latency",
-        out / "p99_vs_users.png",
-    )
-    _latency_vs_throughput([r for r in single if r.scenario == SINGLE], out)
-
-
-def _latency_vs_throughput(rows: list[Result], out: Path) -> None:
-    """p50, p95 and p99 against requests/s, one line per server (multipart uploads)."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, pct in zip(axes, ("p50_ms", "p95_ms", "p99_ms"), strict=True):
-        for name in sorted({r.server for r in rows}, key=lambda n: (n != "convserve", n)):
-            line = sorted((r for r in rows if r.server == name), key=lambda r: r.users)
-            ax.plot(
-                [r.requests_per_s for r in line], [getattr(r, pct) for r in line], "o-", label=name
-            )
-        ax.set(
-            xlabel="requests/s",
-            ylabel=f"{pct[:3]} latency (ms)",
-            yscale="log",
-            title=f"{pct[:3]} latency against throughput",
-        )
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "latency_vs_throughput.png", dpi=120)
-    plt.close(fig)
-
-
-def _batched(results: list[Result]) -> list[Result]:
+def batched(results: list[Result]) -> list[Result]:
     return [r for r in results if r.batching and r.batching.get("batch_count")]
-
-
-def plot_batching(results: list[Result], out: Path) -> bool:
-    """From convserve's own /metrics: the batch-size distribution and the queue-wait CDF of
-    each run (is batching happening, and what does it cost in waiting?)."""
-    runs = _batched(results)
-    if not runs:
-        return False
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for r in runs:
-        assert r.batching is not None
-        label = f"{r.scenario}, {r.server}, {r.users} u"
-        cum = [(float(le) if le != "+Inf" else None, c) for le, c in r.batching["batch_cumulative"]]
-        bounds = [le for le, _ in cum if le is not None]
-        counts = [c for le, c in cum if le is not None]
-        per_bucket = [b - a for a, b in zip([0.0, *counts[:-1]], counts, strict=True)]
-        total = r.batching["batch_count"]
-        left.plot(bounds, [c / total for c in per_bucket], "o-", label=label)
-        wait = [(float(le), c) for le, c in r.batching["wait_cumulative"] if le != "+Inf"]
-        waited = r.batching["wait_count"]
-        if wait and waited:
-            right.step(
-                [1e3 * le for le, _ in wait],
-                [c / waited for _, c in wait],
-                where="post",
-                label=label,
-            )
-    left.set(
-        xscale="log",
-        xlabel="images per ONNX Runtime call (bucket upper bound)",
-        ylabel="fraction of batches",
-        title="Batch sizes",
-    )
-    right.set(
-        xscale="log",
-        xlabel="queue wait (ms, bucket upper bound)",
-        ylabel="fraction of requests waiting at most this",
-        title="Queue wait (CDF)",
-        ylim=(0, 1.02),
-    )
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-    left.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "batching.png", dpi=120)
-    plt.close(fig)
-    return True
 
 
 def batching_table(results: list[Result]) -> list[str]:
@@ -169,7 +39,7 @@ def batching_table(results: list[Result]) -> list[str]:
     def n(v: float | None) -> str:
         return "–" if v is None else f"≤ {v:g}"
 
-    for r in _batched(results):
+    for r in batched(results):
         b = r.batching
         assert b is not None
         lines.append(
@@ -428,7 +298,7 @@ def summary(run: Run) -> str:
                 "![batching](batching.png)",
                 "",
             ]
-            if _batched(run.results)
+            if batched(run.results)
             else []
         ),
         "## In-process limit (ONNX Runtime, no HTTP)",

@@ -3,15 +3,9 @@ peer, against the in-process limit (loadtest/inprocess.py --phone), with its goa
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from convserve.loadtest.scenarios import GOALS, PHONE, PHONE_ONE, goal_row  # noqa: E402
+from convserve.loadtest.scenarios import GOALS, PHONE, PHONE_ONE, goal_row
 
 if TYPE_CHECKING:
     from convserve.loadtest.bench import Result, Run
@@ -24,30 +18,30 @@ LIMIT_WAYS = {
 }
 
 
-def _ms_per_image(r: Result) -> float:
+def ms_per_image(r: Result) -> float:
     """Server CPU per image, in ms (its process tree over the run): per request, divided by
     the images a request carries (images/s over requests/s)."""
     return r.cpu_us_per_request / 1000 * r.requests_per_s / max(r.images_per_s, 1e-9)
 
 
-def _rows(run: Run) -> list[Result]:
+def rows(run: Run) -> list[Result]:
     return [r for r in run.results if r.scenario in PHONE]
 
 
-def _limit(run: Run) -> dict | None:
+def in_process_limit(run: Run) -> dict | None:
     return run.limits.get(LITE0, {}).get("phone")
 
 
 def goals(run: Run) -> list[str]:
     lines = ["| goal | target | measured | |", "|---|---|---|---|"]
     factor, bound = GOALS["phone_work_per_cpu_vs_lean"], GOALS["phone_cpu_vs_limit"]
-    limit = _limit(run)
+    limit = in_process_limit(run)
     for scenario in PHONE:
         ours, lean = run.find(scenario, "convserve", 8), run.find(scenario, "fastapi-lean", 8)
         short = "one per request" if scenario == PHONE_ONE else "4 per request"
         name = f"photos per server-CPU-second vs fastapi-lean ({short}, 8 users)"
         if ours and lean and ours.cpu_us_per_request:
-            a, b = _ms_per_image(ours), _ms_per_image(lean)
+            a, b = ms_per_image(ours), ms_per_image(lean)
             value = f"{1000 / a:.1f} ÷ {1000 / b:.1f} = {b / a:.2f}× ({a:.1f} vs {b:.1f} ms)"
             lines.append(goal_row(name, f"≥ {factor:g}×", value, b / a >= factor))
         else:
@@ -55,7 +49,7 @@ def goals(run: Run) -> list[str]:
         for way in ("cheapest", "recipe"):
             name = f"server CPU per photo vs in-process, {LIMIT_WAYS[way]} ({short})"
             if ours and limit:
-                a, ref = _ms_per_image(ours), limit[f"{way}_ms_per_photo"]
+                a, ref = ms_per_image(ours), limit[f"{way}_ms_per_photo"]
                 value = f"{a:.1f} ÷ {ref:.1f} ms = {a / ref:.2f}×"
                 lines.append(goal_row(name, f"≤ {bound:g}×", value, a / ref <= bound))
             else:
@@ -76,13 +70,13 @@ def table(run: Run) -> list[str]:
         "p50 ms | p99 ms | failures |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in _rows(run):
+    for r in rows(run):
         lines.append(
             f"| {r.scenario} | {r.server} | {r.shape} | {r.users} | {r.images_per_s:.1f} | "
-            f"{_ms_per_image(r):.1f}{'' if r.saturated else ' *'} | {r.p50_ms:.0f} | "
+            f"{ms_per_image(r):.1f}{'' if r.saturated else ' *'} | {r.p50_ms:.0f} | "
             f"{r.p99_ms:.0f} | {r.failures} |"
         )
-    limit = _limit(run)
+    limit = in_process_limit(run)
     if limit:
         lines += [
             "",
@@ -99,7 +93,7 @@ def table(run: Run) -> list[str]:
 
 def section(run: Run) -> list[str]:
     """The report's phone-photo section, or nothing when the run had none."""
-    if not _rows(run):
+    if not rows(run):
         return []
     return [
         "## Phone photos: 12 MP JPEGs to EfficientNet-Lite0",
@@ -116,29 +110,3 @@ def section(run: Run) -> list[str]:
         "![CPU per phone photo](phone_cpu_per_photo.png)",
         "",
     ]
-
-
-def _colour(label: str) -> str:
-    if label.startswith("convserve"):
-        return "tab:blue"
-    return "tab:green" if label.startswith("in-process") else "tab:gray"
-
-
-def plot(run: Run, out: Path) -> None:
-    """Server CPU per photo, each server and request shape, beside the in-process limits."""
-    rows, limit = _rows(run), _limit(run)
-    if not rows:
-        return
-    bars = [(f"{r.server}\n({r.images_per_s / r.requests_per_s:.0f}/request)", _ms_per_image(r))
-            for r in rows if r.requests_per_s > 0]  # fmt: skip
-    if limit:
-        bars += [(f"in-process\n{way}", limit[f"{way}_ms_per_photo"]) for way in LIMIT_WAYS]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    colours = [_colour(label) for label, _ in bars]
-    ax.bar(range(len(bars)), [b[1] for b in bars], color=colours)
-    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
-    ax.set(ylabel="server CPU ms per photo", title="12 MP phone JPEGs, EfficientNet-Lite0")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "phone_cpu_per_photo.png", dpi=120)
-    plt.close(fig)

@@ -14,9 +14,12 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from convserve.models.scenes import Scenes
 
 from convserve.spec import (
     DIGITS,
@@ -161,7 +164,7 @@ def load_scenes(
     count: int,
     data_dir: str | os.PathLike[str] | None = None,
     seed: int | None = None,
-):  # noqa: ANN201 - a scenes.Scenes
+) -> Scenes:
     """Detection scenes of one split: garments of the training split for "train", of the test
     split for "test", each seeded on its own, so no test garment was seen in training."""
     from convserve.models.scenes import TEST_SEED, TRAIN_SEED, compose

@@ -9,11 +9,11 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and CI
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
-from convserve.models.evaluation import of_kind, pair_kinds  # noqa: E402
+from convserve.models.evaluation import of_kind, pair_kinds
 
 CURVE_KEYS = {"epoch", "elapsed_s", "train_loss", "test_loss"}
 
@@ -111,11 +111,11 @@ def plot_detections(images, found, truths, labels: Sequence[str], path: Path, ti
 
 
 def plot_embeddings(
-    points,
-    labels,
+    points: np.ndarray,
+    labels: np.ndarray,
     names: Sequence[str],
     unseen: Sequence[int],
-    path: Path,  # noqa: ANN001
+    path: Path,
     title: str,
 ) -> None:
     """Embeddings projected on their first two principal components, one colour per class;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,7 @@ def summarize(model: nn.Module, in_channels: int, input_size: int) -> list[Layer
     ]
     hooks = []
 
-    def record(name: str, module: nn.Module):
+    def record(name: str, module: nn.Module) -> Callable[..., None]:
         def hook(_m: nn.Module, _inp: object, out: torch.Tensor) -> None:
             dims = tuple(out.shape[1:])
             if len(dims) == 3:  # C x H x W -> H x W x C, the convention of the LeNet-5 table
