@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from convserve.errors import InvalidInput
+from convserve.errors import ErrorCode, InvalidInput
 from convserve.spec import InputSpec
 
 # Formats whose decoders are mature and in scope; PIL would otherwise try every plugin it has
@@ -93,26 +93,28 @@ def open_image(
     limit applies to the size it will be decoded at (`decoded_size`), without it to the whole
     image. Multi-frame GIF and WebP give their first frame."""
     if not data:
-        raise InvalidInput("empty_image", f"{name} is empty")
+        raise InvalidInput(ErrorCode.EMPTY_IMAGE, f"{name} is empty")
     try:
         # Pillow's own bomb guard (a warning past 89 M pixels) never fires first: the limit
         # below is checked from the same header, before any pixel is decoded.
         img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
         if _has_allowed_signature(data):
-            raise InvalidInput("invalid_image", f"{name} is corrupt") from None
+            raise InvalidInput(ErrorCode.INVALID_IMAGE, f"{name} is corrupt") from None
         raise InvalidInput(
-            "unsupported_image",
+            ErrorCode.UNSUPPORTED_IMAGE,
             f"{name} is not a {', '.join(ALLOWED_FORMATS[:-1])} or {ALLOWED_FORMATS[-1]} image",
         ) from None
     except Image.DecompressionBombError:
-        raise InvalidInput("image_too_large", f"{name} has too many pixels") from None
+        raise InvalidInput(ErrorCode.IMAGE_TOO_LARGE, f"{name} has too many pixels") from None
     except (OSError, ValueError, SyntaxError):
-        raise InvalidInput("invalid_image", f"{name} could not be read as an image") from None
+        raise InvalidInput(
+            ErrorCode.INVALID_IMAGE, f"{name} could not be read as an image"
+        ) from None
     width, height = img.size
     if width < 1 or height < 1:
         img.close()
-        raise InvalidInput("invalid_image", f"{name} has no pixels")
+        raise InvalidInput(ErrorCode.INVALID_IMAGE, f"{name} has no pixels")
     decoded = width * height if spec is None else math.prod(decoded_size(img, spec))
     problem = _size_problem(width, height, decoded, limits, name)
     if problem is not None:
@@ -130,22 +132,22 @@ def _size_problem(
         if limits.max_declared_pixels > most:
             most_reduced = limits.max_declared_pixels
             return InvalidInput(
-                "image_too_large",
+                ErrorCode.IMAGE_TOO_LARGE,
                 f"{name} is {width}x{height} pixels; at most {most} pixels are accepted, or "
                 f"{most_reduced} for a JPEG the model's recipe decodes at a reduced size",
             )
         return InvalidInput(
-            "image_too_large",
+            ErrorCode.IMAGE_TOO_LARGE,
             f"{name} is {width}x{height} pixels; at most {most} pixels are accepted",
         )
     if min(width, height) < limits.min_side:
         return InvalidInput(
-            "image_too_small",
+            ErrorCode.IMAGE_TOO_SMALL,
             f"{name} is {width}x{height} pixels; each side must be at least {limits.min_side}",
         )
     if max(width, height) / min(width, height) > limits.max_aspect_ratio:
         return InvalidInput(
-            "bad_aspect_ratio",
+            ErrorCode.BAD_ASPECT_RATIO,
             f"{name} is {width}x{height} pixels; the aspect ratio may be at most "
             f"{limits.max_aspect_ratio:g}:1",
         )
@@ -157,7 +159,7 @@ def load(img: Image.Image, *, name: str = "image") -> Image.Image:
     try:
         img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        raise InvalidInput("invalid_image", f"{name} is truncated or corrupt") from None
+        raise InvalidInput(ErrorCode.INVALID_IMAGE, f"{name} is truncated or corrupt") from None
     return img
 
 
@@ -276,7 +278,9 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def _canvas(img: Image.Image, width: int, height: int, left: int, top: int, fill: int):
+def _canvas(
+    img: Image.Image, width: int, height: int, left: int, top: int, fill: int
+) -> Image.Image:
     """`img` pasted at (left, top) on a width x height canvas of `fill`."""
     canvas = Image.new(img.mode, (width, height), (fill,) * len(img.getbands()))
     canvas.paste(img, (left, top))
@@ -465,7 +469,8 @@ def decode_batch(images: list[tuple[str, Image.Image]], spec: InputSpec) -> Batc
             img.close()  # after an error: the rest are never decoded
     if len({p.shape for p in pixels}) > 1:  # resize 'none': each its own size
         raise InvalidInput(
-            "invalid_request", "this model takes images of their own size: send one per request"
+            ErrorCode.INVALID_REQUEST,
+            "this model takes images of their own size: send one per request",
         )
     return Batch(model_input(np.stack(pixels), spec), placements)
 

@@ -11,13 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
+import onnxruntime  # pyright: ignore[reportMissingTypeStubs] - it ships none
 
 from convserve.spec import ModelSpec
 
 log = logging.getLogger("convserve.runtime")
+# onnxruntime ships no type information: its API is `Any` here, in this one place, and what
+# convserve keeps of it is typed where it is used.
+ort: Any = onnxruntime
 
-GRAPH_LEVELS = {
+GRAPH_LEVELS: dict[str, Any] = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -52,7 +55,7 @@ def check_providers_available(config: SessionConfig) -> None:
 
 def make_session(
     model_path: str | Path, config: SessionConfig = SessionConfig()
-) -> ort.InferenceSession:
+) -> Any:  # an onnxruntime.InferenceSession
     options = ort.SessionOptions()
     options.intra_op_num_threads = config.intra_op_threads
     options.inter_op_num_threads = config.inter_op_threads
@@ -86,28 +89,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and probabilities of the k most likely classes per row, most likely first.
-
-    Ties are broken by the lower class index, so answers are deterministic.
-    """
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    rows = np.arange(len(order))[:, None]  # indexing, not take_along_axis: a third the cost
-    return order, probabilities[rows, order]
-
-
-def top_k_lists(probabilities: np.ndarray, k: int) -> tuple[list[list[int]], list[list[float]]]:
-    """`top_k` as Python lists, for an answer's JSON. A few small rows (one image of ten
-    classes, the common request) are sorted in Python, which beats numpy's cost per call;
-    Python's sort is stable with reverse=True too, so ties still go to the lower index."""
-    if probabilities.size > 512:
-        indices, values = top_k(probabilities, k)
-        return indices.tolist(), values.tolist()
-    rows = probabilities.tolist()
-    order = [sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k] for row in rows]
-    return order, [[row[j] for j in o] for row, o in zip(rows, order, strict=True)]
-
-
 def _fixed_batch(session: Any) -> int | None:
     """The first input's batch dimension when the graph fixes it (1 in many exported files)."""
     shape = getattr(session.get_inputs()[0], "shape", None)
@@ -131,9 +112,9 @@ class OnnxModel:
         self.session = session
         inputs = session.get_inputs()
         self.input_name = inputs[0].name
-        self.input_names = [i.name for i in inputs]
-        outputs = session.get_outputs() if hasattr(session, "get_outputs") else []
-        self.output_names = [o.name for o in outputs]
+        self.input_names: list[str] = [i.name for i in inputs]
+        outputs: list[Any] = session.get_outputs() if hasattr(session, "get_outputs") else []
+        self.output_names: list[str] = [o.name for o in outputs]
         self.provider = session.get_providers()[0]
         self.fixed_batch = _fixed_batch(session)
 

@@ -98,7 +98,8 @@ def save_model(
     arrays = {f"output_{i}": out for i, out in enumerate(outputs)}
     arrays |= {f"input_{k}": v for k, v in (extra or {}).items()}
     if spec.task == "classify":
-        arrays["labels"] = np.array([spec.labels[i] for i in outputs[0].argmax(1)])
+        top1: list[int] = outputs[0].argmax(1).tolist()
+        arrays["labels"] = np.array([spec.labels[i] for i in top1])
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp)
         shutil.copyfile(onnx_path, staged / MODEL_FILE)

@@ -20,23 +20,21 @@ Answers given before the body is read whole (413, 408, 503 `too_many_uploads`) c
 `Connection: close`: the rest of that body is never read, so the connection cannot carry
 another request.
 
-The raw inference routes (`hotpath.py`) use `Admission` directly; `AdmissionMiddleware` applies
-the same rules to the app's other POST routes. Probes (/livez, /readyz) and /metrics are
-BentoML's own routes, outside both, so they stay cheap and answer while inference is saturated.
+The server's front door (`server.py`) admits every operation that takes a body, and renders a
+refusal in the operation's protocol; nothing here knows a wire format. Probes (/livez, /readyz)
+and /metrics are outside it, so they stay cheap and answer while inference is saturated.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope
 
-from convserve.errors import ConvserveError, InvalidInput, Overloaded
+from convserve.errors import ConvserveError, ErrorCode, InvalidInput, Overloaded
 from convserve.service.clock import Clock
-from convserve.service.errors import for_path
 
 COUNTED_METHODS = {"POST", "PUT", "PATCH"}
 # A body still arriving SLOW_AFTER_S after its first bytes, at under SLOW_BYTES_PER_S on
@@ -77,7 +75,6 @@ class Admission:
     max_held_bytes: int = 256 * 1024 * 1024
     max_pending_bodies: int = 64
     body_timeout_s: float = 10.0
-    on_reject: Callable[[str], None] | None = None  # called with the error code
     clock: Clock = field(default_factory=Clock)  # body deadlines (and the routes' watches)
     in_flight: int = 0
     held_bytes: int = 0
@@ -100,13 +97,11 @@ class Admission:
         return await receive()
 
     def _reject(self, error: ConvserveError, *, close: bool = True) -> BodyRefused:
-        if self.on_reject:
-            self.on_reject(error.code)
         return BodyRefused(error, close=close)
 
     def _too_large(self) -> BodyRefused:
         message = f"the request body is over the limit of {self.max_body_bytes} bytes"
-        return self._reject(InvalidInput("body_too_large", message))
+        return self._reject(InvalidInput(ErrorCode.BODY_TOO_LARGE, message))
 
     def _can_hold(self, nbytes: int) -> bool:
         if self.held_bytes + nbytes > self.max_held_bytes:
@@ -162,9 +157,11 @@ class Admission:
             self.held_bytes -= held
             if not deadline.expired:
                 raise
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            current = asyncio.current_task()
+            assert current is not None  # a request is a task
+            current.uncancel()
             message = f"the request body did not arrive within {self.body_timeout_s:g} s"
-            raise self._reject(InvalidInput("body_timeout", message)) from None
+            raise self._reject(InvalidInput(ErrorCode.BODY_TIMEOUT, message)) from None
         except BaseException:
             self.held_bytes -= held
             raise
@@ -175,13 +172,13 @@ class Admission:
         if full:
             self.held_bytes -= held
             message = f"{self.held_bytes} bytes of request bodies are held; retry shortly"
-            raise self._reject(Overloaded("busy", message), close=False)
+            raise self._reject(Overloaded(ErrorCode.BUSY, message), close=False)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _take_pending_place(self) -> None:
         if self.pending_bodies >= self.max_pending_bodies:
             message = f"{self.pending_bodies} slow uploads are in progress; retry shortly"
-            raise self._reject(Overloaded("too_many_uploads", message))
+            raise self._reject(Overloaded(ErrorCode.TOO_MANY_UPLOADS, message))
         self.pending_bodies += 1
 
     def release(self, body: bytes) -> None:
@@ -191,9 +188,7 @@ class Admission:
         """Take an in-flight place, or raise 503 `busy`; pair with `leave`."""
         if self.in_flight >= self.max_in_flight:
             message = f"{self.in_flight} requests are in progress; retry shortly"
-            if self.on_reject:
-                self.on_reject("busy")
-            raise Overloaded("busy", message)
+            raise Overloaded(ErrorCode.BUSY, message)
         self.in_flight += 1
 
     def leave(self, body: bytes) -> None:
@@ -201,22 +196,16 @@ class Admission:
         self.in_flight -= 1
         self.held_bytes -= len(body)
 
-    async def admit(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
-        """The body, with an in-flight place taken (pair with `leave(body)`); or None when the
-        request was refused (answered here) or its client hung up."""
-        try:
-            body = await self.read_body(scope, receive)
-        except ClientGone:
-            return None
-        except BodyRefused as refused:
-            await send_error(scope, send, refused.error, CLOSE if refused.close else None)
-            return None
+    async def admit(self, scope: Scope, receive: Receive) -> bytes:
+        """The body, with an in-flight place taken (pair with `leave(body)`). `ClientGone` when
+        its client hung up, `BodyRefused` when a body limit refused it (`close`: the connection
+        must close), `Overloaded` when no place is free."""
+        body = await self.read_body(scope, receive)
         try:
             self.enter()
-        except ConvserveError as error:
+        except ConvserveError:
             self.release(body)
-            await send_error(scope, send, error)
-            return None
+            raise
         return body
 
 
@@ -228,58 +217,6 @@ def _chunk(message: Message) -> bytes:
     if message["type"] == "http.disconnect":
         raise ClientGone
     return message.get("body", b"")
-
-
-async def send_error(
-    scope: Scope, send: Send, error: ConvserveError, headers: dict[str, str] | None = None
-) -> None:
-    """Answer with `error` in the wire format of the protocol the path belongs to."""
-    wire = for_path(scope.get("path", ""), error)
-    await send_bytes(send, wire.status, wire.body, {**wire.headers, **(headers or {})})
-
-
-async def send_bytes(
-    send: Send, status: int, body: bytes, headers: dict[str, str] | None = None,
-    media_type: bytes = b"application/json",
-) -> None:  # fmt: skip
-    raw_headers = [(b"content-type", media_type), (b"content-length", str(len(body)).encode())]
-    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-class AdmissionMiddleware:
-    """The same rules for the app's other POST routes: the body is read within the limit first,
-    then the request takes an in-flight place and the app gets the body replayed. The
-    `Admission` comes from `app.state.admission`, set when the service starts; until then
-    requests pass through untouched."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        admission: Admission | None = (
-            getattr(scope["app"].state, "admission", None) if "app" in scope else None
-        )
-        if scope["type"] != "http" or scope["method"] not in COUNTED_METHODS or admission is None:
-            await self.app(scope, receive, send)
-            return
-        body = await admission.admit(scope, receive, send)
-        if body is None:
-            return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # after the body: only a disconnect can come
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        try:
-            await self.app(scope, replay, send)
-        finally:
-            admission.leave(body)
 
 
 def content_length(scope: Scope) -> int | None:

@@ -5,10 +5,12 @@
 Lifecycle:
   deploy   (`on_deployment`, once, before workers start) every model is verified; a failure
            stops `bentoml serve` with its message and exit status 1.
-  load     (`__init__`, per worker) sessions opened on the configured providers, self-tested.
+  load     (`__init__`, per worker) the worker's `Server` (`server.py`): sessions opened on the
+           configured providers and self-tested, admission, clock, metrics, protocols.
   warm up  (startup hook) full-size batch and batcher latency model; then /readyz says 200.
-  serve    each task's REST routes (`tasks/`) and the Open Inference Protocol (`oip.py`),
-           behind admission; the raw hot path (`hotpath.py`) answers the inference routes.
+  serve    the server's front door answers every operation of the protocols (REST with each
+           task's routes, the Open Inference Protocol); the FastAPI app below serves the page,
+           the OpenAPI document (written from the same route declarations) and /metrics.
   drain    on SIGTERM /readyz turns 503 and requests are served for CONVSERVE_DRAIN_S more;
            then the server stops accepting, in-flight requests finish, exit 0 (`drain.py`).
 """
@@ -20,30 +22,35 @@ import gc
 import importlib.util
 import logging
 from pathlib import Path
+from typing import Any
 
 import bentoml
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
-from convserve.service import errors, heap, oip, rest
-from convserve.service.admission import Admission, AdmissionMiddleware
-from convserve.service.clock import Clock
+from convserve import __version__
+from convserve.service import errors, heap
 from convserve.service.drain import Drain
-from convserve.service.hotpath import FrontDoor, HotPath, Routes
-from convserve.service.inference import Inference
-from convserve.service.metrics import RequestMetrics, exposition, service_metrics
-from convserve.service.pool import ModelPool, StartupError, preflight
-from convserve.service.requests_log import RequestIds, configure
+from convserve.service.loading import StartupError, preflight
+from convserve.service.metrics import exposition
+from convserve.service.protocols import rest
+from convserve.service.protocols.oip import http as oip
+from convserve.service.requests_log import configure
+from convserve.service.server import FrontDoor, Server
 from convserve.service.settings import ServiceSettings
 from convserve.service.tasks import TASKS
 
 log = logging.getLogger("convserve")
-errors_log = logging.getLogger("convserve.errors")
 # BentoML leaves the root logger at WARNING; the service's own lifecycle lines are INFO.
 log.setLevel(logging.INFO)
 
+# BentoML takes the ASGI app it mounts when the service class is defined, so this one is built
+# at import: it holds no worker state (that is the `Server`'s), only the page, the documents
+# and /metrics.
 app = FastAPI(
     title="convserve",
     description="CNN image models on ONNX Runtime with adaptive batching: classification, "
@@ -53,14 +60,31 @@ app = FastAPI(
     openapi_url="/api/openapi.json",
     redoc_url=None,
 )
-app.add_middleware(AdmissionMiddleware)
 errors.install(app)
-for _task in TASKS.values():
-    if (_router := _task.router()) is not None:
-        app.include_router(_router)
-app.include_router(rest.router)
-app.include_router(oip.router)
-ROUTES = Routes(TASKS.values())
+# The protocols' operations, for the document only: the front door answers them.
+DOCUMENTED = [*rest.documentation(list(TASKS)).routes, *oip.documentation().routes]
+
+
+def openapi() -> dict[str, Any]:
+    if app.openapi_schema is None:
+        app.openapi_schema = get_openapi(
+            title=app.title,
+            version=__version__,
+            openapi_version=app.openapi_version,
+            description=app.description,
+            routes=[*DOCUMENTED, *app.routes],
+        )
+    return app.openapi_schema
+
+
+app.openapi = openapi
+
+
+async def mounted(scope: Scope, receive: Receive, send: Send) -> None:
+    """The app as BentoML mounts it: a plain ASGI callable, given every path BentoML does not
+    route itself (a Starlette app is given only paths its routes match, so an unknown path
+    would get BentoML's plain-text 404 instead of convserve's JSON answer)."""
+    await app(scope, receive, send)
 
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -105,13 +129,6 @@ def _definition_settings() -> ServiceSettings:
 _defined = _definition_settings()
 
 
-# The mounted app: FastAPI's routes (models, tensors, metrics, the page, the documentation)
-# and, until the service is ready, the inference routes too. Once it is, the front door
-# (below) answers those before BentoML routes them.
-HOT = HotPath(app, ROUTES)
-SERVED = RequestIds(RequestMetrics(HOT, ROUTES.template_of, access_log=_defined.access_log))
-
-
 @bentoml.service(
     name="convserve",
     workers=_defined.workers,
@@ -129,7 +146,7 @@ SERVED = RequestIds(RequestMetrics(HOT, ROUTES.template_of, access_log=_defined.
     # convserve writes its own access lines (with the request id), when CONVSERVE_ACCESS_LOG.
     logging={"access": {"enabled": False}},
 )
-@bentoml.asgi_app(SERVED, path="/")
+@bentoml.asgi_app(mounted, path="/")
 class Classifier:
     @bentoml.on_deployment
     def verify_models() -> None:
@@ -142,56 +159,29 @@ class Classifier:
             raise SystemExit(f"convserve cannot start: {exc}") from None
 
     def __init__(self) -> None:
-        self.settings = ServiceSettings()
-        configure(self.settings.log_format)
-        self.metrics = service_metrics()
-        # One clock per worker: body deadlines, hang-up watches, inference deadlines, gauges.
-        clock = Clock()
+        settings = ServiceSettings()
+        configure(settings.log_format)
         try:
-            self.pool = ModelPool.load(self.settings, self.metrics, TASKS, clock)
+            self.server = Server.start(settings)
         except StartupError as exc:
             raise SystemExit(f"convserve cannot start: {exc}") from None
-        # The routes reach this worker's models through the app they are mounted in.
-        app.state.inference = Inference.create(self.settings, self.pool)
-        app.state.admission = Admission(
-            max_body_bytes=self.settings.max_body_bytes,
-            max_in_flight=self.settings.max_in_flight,
-            max_held_bytes=self.settings.max_held_bytes,
-            max_pending_bodies=self.settings.max_pending_bodies,
-            body_timeout_s=self.settings.body_timeout_s,
-            on_reject=self._on_error,
-            clock=clock,
-        )
-        app.state.admission.clock.on_tick = self._sample_gauges
-        app.state.on_error = self._on_error
-        app.state.on_client_gone = self.metrics.client_gone.inc
-        self.drain = Drain(self.settings.drain_s)
-        for served in self.pool.models:
+        self.settings = settings
+        self.drain = Drain(settings.drain_s)
+        self._collector: asyncio.Task[None] | None = None
+        for served in self.server.models.all:
             log.info(
                 "serving %s (%s, %s) on %s, %d intra-op thread(s), batches of up to %d",
                 served.stored.tag,
                 served.spec.task,
                 served.spec.architecture,
                 served.model.provider,
-                self.settings.intra_op_threads,
+                settings.intra_op_threads,
                 served.batcher.max_batch_size,
             )
 
-    def _on_error(self, code: str) -> None:
-        """Every error answer: counted, and one log line (with the request id)."""
-        self.metrics.rejected.labels(code).inc()
-        errors_log.info("answered %s", code, extra={"code": code})
-
-    def _sample_gauges(self) -> None:
-        """Ten times a second (the request clock's tick), not on every request."""
-        self.metrics.in_flight.set(app.state.admission.in_flight)
-        for served in self.pool.models:
-            name, version = served.stored.tag.split(":", 1)
-            self.metrics.queued.labels(name, version).set(served.batcher.queued_images)
-
     @bentoml.on_startup
     async def warm_up(self) -> None:
-        await self.pool.warm_up(self.settings)
+        await self.server.warm_up()
         self.drain.install(asyncio.get_running_loop())
         heap.freeze()  # models, sessions and the app live as long as the process
         if self.settings.gc_full_interval_s > 0:  # else Python's automatic collection
@@ -206,22 +196,20 @@ class Classifier:
 
     async def __is_ready__(self) -> bool:
         # async: answered on the event loop, never queued behind the thread pool.
-        return self.pool.ready and not self.drain.draining
+        return self.server.models.ready and not self.drain.draining
 
     @bentoml.on_shutdown
     def stop_batchers(self) -> None:
-        app.state.admission.clock.stop()
-        if collector := getattr(self, "_collector", None):
-            collector.cancel()
+        if self._collector is not None:
+            self._collector.cancel()
             gc.enable()  # at once: the loop may stop before the cancelled task runs again
-        self.pool.shutdown()
+        self.server.shutdown()
 
 
 # BentoML types the argument as a factory protocol, app -> app, which a middleware class is when
 # called; pyright compares the instance's __call__ instead.
 Classifier.add_asgi_middleware(
     FrontDoor,  # pyright: ignore[reportArgumentType]
-    hot=HOT,
-    target=SERVED,
+    docs=app,
     access_log=_defined.access_log,
 )

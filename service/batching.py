@@ -33,7 +33,7 @@ from typing import Protocol
 
 import numpy as np
 
-from convserve.errors import DeadlineExceeded, Overloaded
+from convserve.errors import DeadlineExceeded, ErrorCode, Overloaded
 from convserve.service.clock import Clock
 from convserve.service.threads import yield_to_the_loop
 
@@ -54,7 +54,7 @@ def _slice(x: Rows, a: int, b: int) -> Rows:
 def _concat(pieces: list[Rows]) -> Rows:
     if isinstance(pieces[0], tuple):
         return tuple(np.concatenate(parts) for parts in zip(*pieces, strict=True))
-    return np.concatenate(pieces)  # type: ignore[arg-type]
+    return np.concatenate(pieces)
 
 
 class BatchObserver(Protocol):
@@ -63,7 +63,7 @@ class BatchObserver(Protocol):
     def on_dropped(self, images: int, reason: str) -> None: ...
 
 
-def _reason(future: asyncio.Future) -> str:
+def _reason(future: asyncio.Future[Rows]) -> str:
     """Why a settled job's remaining rows were dropped, for the metrics."""
     if future.cancelled():
         return "cancelled"  # its client went away
@@ -74,7 +74,7 @@ def _reason(future: asyncio.Future) -> str:
 class _Job:
     x: Rows  # N rows (N x C x H x W images, and any inputs beside them)
     n: int
-    future: asyncio.Future
+    future: asyncio.Future[Rows]
     enqueued: float
     taken: int = 0  # rows handed to batches so far
     done: int = 0  # rows answered so far
@@ -134,7 +134,7 @@ class Batcher:
     cost: CostModel = field(default_factory=CostModel)
     pending_images: int = 0  # waiting or in flight
     queued_images: int = 0  # waiting
-    _queue: deque[_Job] = field(default_factory=deque)
+    _queue: deque[_Job] = field(default_factory=deque[_Job])
     _in_flight: int = 0  # images in the running batch (0: the model is free)
     _started: float = 0.0
     _timer: asyncio.TimerHandle | None = None
@@ -163,13 +163,15 @@ class Batcher:
         n = _count(x)
         if self.max_queued_images is not None and self.pending_images + n > self.max_queued_images:
             raise Overloaded(
-                "queue_full", f"{self.pending_images} images are already queued; retry shortly"
+                ErrorCode.QUEUE_FULL,
+                f"{self.pending_images} images are already queued; retry shortly",
             )
         if shed and self.cost.batches and self.predicted_wait(n) * 1000 > self.max_latency_ms:
             if self.observer:
                 self.observer.on_dropped(n, "overloaded")
-            raise Overloaded("overloaded", "the server is overloaded; retry shortly")
-        job = _Job(x, n, asyncio.get_running_loop().create_future(), time.perf_counter())
+            raise Overloaded(ErrorCode.OVERLOADED, "the server is overloaded; retry shortly")
+        future: asyncio.Future[Rows] = asyncio.get_running_loop().create_future()
+        job = _Job(x, n, future, time.perf_counter())
         job.future.add_done_callback(lambda _: self._release(job))
         self._queue.append(job)
         self.queued_images += n
@@ -262,7 +264,7 @@ class Batcher:
 
     def _finished(
         self,
-        future: asyncio.Future,
+        future: asyncio.Future[Rows],
         parts: list[tuple[_Job, int, int]],
         images: int,
         waits: list[float],
@@ -277,7 +279,7 @@ class Batcher:
                 self._deliver(future.result(), parts)
                 if self.observer:
                     self.observer.on_batch(images, waits, seconds)
-        except Exception as exc:  # noqa: BLE001 - whatever failed, no waiter may hang
+        except Exception as exc:
             log.exception("batch of %d images for %s failed", images, self.name)
             error = exc
         if error is not None:

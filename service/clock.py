@@ -23,6 +23,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.types import Receive
 
@@ -31,23 +32,23 @@ TICK_S = 0.1
 
 @dataclass(eq=False, slots=True)
 class Ticket:
-    task: asyncio.Task | None
+    task: asyncio.Task[Any] | None
     due: float  # time.monotonic(): the deadline, or when watching starts
     receive: Receive | None = None  # a watch: the request's ASGI receive
     expired: bool = False
     gone: bool = False
-    watcher: asyncio.Task | None = None
+    watcher: asyncio.Task[None] | None = None
     callback: Callable[[], None] | None = None  # `later`: what to call when due
 
 
 class Clock:
-    def __init__(self, tick_s: float = TICK_S, on_tick: Callable[[], None] | None = None):
+    def __init__(self, tick_s: float = TICK_S, on_tick: Callable[[], None] | None = None) -> None:
         self.tick_s = tick_s
         self.on_tick = on_tick
         self._deadlines: set[Ticket] = set()
         self._watches: set[Ticket] = set()
         self._callbacks: set[Ticket] = set()
-        self._ticker: asyncio.Task | None = None
+        self._ticker: asyncio.Task[None] | None = None
 
     def _ensure_running(self) -> None:
         # Started by the first request on whichever loop serves it (a test may run several).
@@ -79,7 +80,9 @@ class Clock:
         self._callbacks.add(ticket)
         return ticket
 
-    def clear(self, ticket: Ticket) -> None:
+    def clear(self, ticket: Ticket | None) -> None:
+        if ticket is None:  # nothing was watched
+            return
         self._deadlines.discard(ticket)
         self._watches.discard(ticket)
         self._callbacks.discard(ticket)

@@ -11,17 +11,11 @@ PROMETHEUS_MULTIPROC_DIR, so every worker writes to the shared files /metrics re
 from __future__ import annotations
 
 import functools
+import logging
 import os
-import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from starlette.routing import Mount
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from convserve.service.requests_log import log_access
-
-METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+errors_log = logging.getLogger("convserve.errors")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -126,6 +120,13 @@ def service_metrics() -> ServiceMetrics:
     return ServiceMetrics()
 
 
+def refused(code: str) -> None:
+    """Every error answer, whoever answers it: counted by code, and one log line (with the
+    request id)."""
+    service_metrics().rejected.labels(code).inc()
+    errors_log.info("answered %s", code, extra={"code": code})
+
+
 def exposition() -> tuple[bytes, str]:
     """The /metrics body: every worker's values when BentoML runs several (multiprocess mode)."""
     import prometheus_client as prom
@@ -137,64 +138,3 @@ def exposition() -> tuple[bytes, str]:
     else:
         registry = prom.REGISTRY
     return prom.generate_latest(registry), prom.CONTENT_TYPE_LATEST
-
-
-class RequestMetrics:
-    """ASGI: counts every HTTP request by route template, method and status, and times it;
-    with `access_log`, also writes its access line. `route_of(scope)` names the routes
-    answered before FastAPI routes them (the raw path); FastAPI's own routes are found in the
-    scope after routing."""
-
-    def __init__(
-        self, app: ASGIApp, route_of: Callable[[Scope], str | None], access_log: bool = False
-    ) -> None:
-        self.app = app
-        self.route_of = route_of
-        self.access_log = access_log
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        # 499 (nginx's "client closed request"): the client left before any answer was sent.
-        status = 499
-
-        async def recording_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, recording_send)
-        except BaseException:
-            status = 500 if status == 499 else status
-            raise
-        finally:
-            route = self.route_of(scope) or _template(scope)
-            record(scope, route, status, time.perf_counter() - started, self.access_log)
-
-
-def record(scope: Scope, route: str, status: int, seconds: float, access_log: bool) -> None:
-    """One answered request: counted by route template, method and status, and timed; with
-    `access_log`, its access line."""
-    method = scope["method"] if scope["method"] in METHODS else "other"
-    count, duration = _children(route, method, status)
-    count.inc()
-    duration.observe(seconds)
-    if access_log:
-        log_access(scope["method"], scope["path"], status, seconds)
-
-
-@functools.lru_cache(maxsize=1024)  # labels come from bounded sets; the cache spares lookups
-def _children(route: str, method: str, status: int) -> tuple[Any, Any]:
-    metrics = service_metrics()
-    return metrics.requests.labels(route, method, str(status)), metrics.duration.labels(route)
-
-
-def _template(scope: Scope) -> str:
-    route: Any = scope.get("route")
-    if route is None or isinstance(route, Mount):  # BentoML's mount of the app, no route of ours
-        return "unmatched"
-    return getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,12 +26,13 @@ def json_body_schema(model: type[BaseModel]) -> dict[str, Any]:
 
     def inline(node: Any) -> Any:
         if isinstance(node, dict):
-            ref = node.get("$ref")
+            mapping = cast(dict[str, Any], node)
+            ref = mapping.get("$ref")
             if isinstance(ref, str) and ref.startswith("#/$defs/"):
                 return inline(defs[ref.removeprefix("#/$defs/")])
-            return {k: inline(v) for k, v in node.items()}
+            return {k: inline(v) for k, v in mapping.items()}
         if isinstance(node, list):
-            return [inline(v) for v in node]
+            return [inline(v) for v in cast(list[Any], node)]
         return node
 
     return inline(schema)
@@ -69,30 +70,14 @@ class EncodedImage(BaseModel):
     )
 
 
-class ImagesRequest(BaseModel):
-    """The images of a JSON request, as /classify takes them."""
+class ImagesBody(BaseModel):
+    """The images of a JSON request; each route's JSON body is its parameters and these."""
 
     model_config = ConfigDict(extra="forbid")
 
     images: list[EncodedImage | Base64Text] = Field(
         min_length=1, description="base64-encoded image files, or objects with data + filename"
     )
-    model: str | None = Field(default=None, min_length=1)
-    version: str | None = Field(default=None, min_length=1)
-
-
-class ClassifyJsonRequest(ImagesRequest):
-    """JSON variant of /classify. `top_k`, `model` and `version` may be given here or in the
-    query string, not both with different values."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [{"images": [{"data": PNG_8X8_BASE64, "filename": "black.png"}]}]
-        },
-    )
-
-    top_k: int | None = Field(default=None, ge=1)
 
 
 class ModelVersion(BaseModel):
@@ -134,21 +119,6 @@ class ModelsResponse(BaseModel):
     models: list[ServedModelInfo]
 
 
-class DetectJsonRequest(ImagesRequest):
-    """JSON variant of /detect; the thresholds may be given here or in the query string."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [{"images": [{"data": PNG_8X8_BASE64}], "score_threshold": 0.25}]
-        },
-    )
-
-    score_threshold: float | None = Field(default=None, ge=0, le=1)
-    iou_threshold: float | None = Field(default=None, ge=0, le=1)
-    max_detections: int | None = Field(default=None, ge=1, le=1000)
-
-
 class Box(BaseModel):
     x1: float = Field(description="left, in the upload's pixels")
     y1: float = Field(description="top")
@@ -185,19 +155,6 @@ class EmbedResponse(BaseModel):
     results: list[EmbedResult] = Field(description="one per image, in the order sent")
 
 
-class VerifyJsonRequest(ImagesRequest):
-    """JSON variant of /verify: exactly two images, A then B."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"images": [PNG_8X8_BASE64, PNG_8X8_BASE64]}]},
-    )
-
-    images: list[EncodedImage | Base64Text] = Field(
-        min_length=2, max_length=2, description="the two images to compare"
-    )
-
-
 class VerifyResponse(BaseModel):
     model: str = Field(examples=["fashion-siamese:oxpa3ixhw64noax4"])
     distance: float = Field(ge=0.0, description="squared L2 distance between the embeddings")
@@ -205,15 +162,11 @@ class VerifyResponse(BaseModel):
     same: bool
 
 
-class StylizeJsonRequest(ImagesRequest):
-    """JSON variant of /stylize: one image, and the style."""
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    request_id: str | None = None  # the X-Request-ID of the request
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"images": [PNG_8X8_BASE64], "style": "3:0.5,12:0.5"}]},
-    )
 
-    images: list[EncodedImage | Base64Text] = Field(
-        min_length=1, max_length=1, description="the image to stylize"
-    )
-    style: str | None = Field(default=None, pattern=STYLE_PATTERN)
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from convserve.errors import InvalidInput
+from convserve.errors import ErrorCode, InvalidInput
 from convserve.preprocess import model_input
 from convserve.spec import InputSpec
 
@@ -22,7 +22,7 @@ DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
 
 
 def _invalid(message: str) -> InvalidInput:
-    return InvalidInput("invalid_tensor", message)
+    return InvalidInput(ErrorCode.INVALID_TENSOR, message)
 
 
 def parse_dtype(name: str) -> np.dtype:
@@ -90,7 +90,9 @@ def to_model_input(array: np.ndarray, spec: InputSpec, max_images: int) -> np.nd
     if n < 1:
         raise _invalid("the batch is empty")
     if n > max_images:
-        raise InvalidInput("too_many_images", f"{n} images sent; at most {max_images} per request")
+        raise InvalidInput(
+            ErrorCode.TOO_MANY_IMAGES, f"{n} images sent; at most {max_images} per request"
+        )
     if array.dtype == np.uint8:
         nchw = array.transpose(0, 3, 1, 2) if spec.layout == "nhwc" else array
         return model_input(nchw, spec)

@@ -1,11 +1,11 @@
-"""Wire-level decoding both protocols share: base64 image data and the media type of a body."""
+"""Base64 image data, as both protocols take it in JSON."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 
-from convserve.errors import InvalidInput
+from convserve.errors import ErrorCode, InvalidInput
 
 # What decode_base64 accepts, as a JSON-schema pattern for the API's documents: the standard or
 # URL-safe alphabet, padding optional, a `data:...;base64,` prefix allowed. (The decoder also
@@ -22,19 +22,16 @@ def decode_base64(text: str, what: str) -> bytes:
     if text.startswith("data:"):
         header, _, text = text.partition(",")
         if not header.endswith(";base64"):
-            raise InvalidInput("invalid_base64", f"{what}: data URL is not base64")
+            raise InvalidInput(ErrorCode.INVALID_BASE64, f"{what}: data URL is not base64")
     if "://" in text[:16]:
         raise InvalidInput(
-            "invalid_base64",
+            ErrorCode.INVALID_BASE64,
             f"{what} looks like a URL; send the image's bytes (URLs are never fetched)",
         )
     compact = "".join(text.split()).replace("-", "+").replace("_", "/")
     try:
         return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidInput("invalid_base64", f"{what} is not valid base64-encoded data") from None
-
-
-def media_type(content_type: str | None) -> str:
-    """`multipart/form-data; boundary=...` -> `multipart/form-data`."""
-    return (content_type or "").split(";")[0].strip().lower()
+        raise InvalidInput(
+            ErrorCode.INVALID_BASE64, f"{what} is not valid base64-encoded data"
+        ) from None

@@ -30,7 +30,7 @@ ACCEPTED = {200, 404, 503}  # answered, a model the request named is not served,
 
 
 @schemathesis.check
-def image_content_refusals_only(ctx, response, case) -> bool | None:  # noqa: ANN001
+def image_content_refusals_only(ctx, response, case) -> bool | None:
     meta = case.meta
     if meta is None or not meta.generation.mode.is_positive:
         return None

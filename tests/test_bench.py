@@ -112,7 +112,7 @@ def test_the_goals_are_computed_from_the_runs_figures():
         cpu_us,
         p50=10.0,
         p99=20.0,
-        shape="multipart",  # noqa: ANN001, ANN202
+        shape="multipart",
         images=1,
     ):
         return Result(

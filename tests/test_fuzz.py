@@ -31,8 +31,10 @@ from serving import start_server, stop_server
 
 from convserve.errors import ConvserveError
 from convserve.preprocess import ImageLimits, batch_from_images, open_image
-from convserve.service import multipart, oip, tensors
-from convserve.service.errors import STATUS
+from convserve.service import tensors
+from convserve.service.protocols import rest as multipart  # its multipart/form-data splitter
+from convserve.service.protocols.oip import types as oip
+from convserve.service.protocols.rest import STATUS
 from convserve.spec import InputSpec
 
 EXAMPLES = int(os.environ.get("CONVSERVE_FUZZ_EXAMPLES", "200"))

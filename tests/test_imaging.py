@@ -8,7 +8,7 @@ from PIL import Image
 
 from convserve.errors import ConvserveError
 from convserve.preprocess import ImageLimits, decode, from_bytes, from_pixels, image_to_input
-from convserve.service.errors import status_of
+from convserve.service.protocols.rest import status_of
 from convserve.spec import FASHION_MNIST_MEAN, FASHION_MNIST_STD, InputSpec
 
 SPEC = InputSpec(channels=1, height=28, width=28, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)

@@ -48,7 +48,7 @@ def _kserve_models() -> dict[str, tuple[dict, dict]]:
     return models
 
 
-def _check(value, kind: str, where: str, models: dict, errors: list, pod: dict) -> None:  # noqa: ANN001
+def _check(value, kind: str, where: str, models: dict, errors: list, pod: dict) -> None:
     if kind in models:
         types, names = models[kind]
         by_json = {json_key: attr for attr, json_key in names.items()}
@@ -129,9 +129,9 @@ def test_the_predictor_serves_the_protocol_kserve_routes_to():
     # Probes on the Open Inference Protocol's health routes, which convserve answers.
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    from convserve.service.oip import router
+    from convserve.service.protocols.oip.http import documentation
 
-    paths = {route.path for route in router.routes}
+    paths = {route.path for route in documentation().routes}
     assert {"/v2/health/ready", "/v2/health/live", "/v2/models/{name}/infer"} <= paths
     env = {e["name"]: e["value"] for e in container["env"]}
     pre_stop = float(container["lifecycle"]["preStop"]["exec"]["command"][1])

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from convserve.errors import InvalidInput
-from convserve.service import multipart
+from convserve.service.protocols import rest as multipart  # its multipart/form-data splitter
 
 
 def form(files: list, data: dict | None = None) -> tuple[bytes, str]:
@@ -45,12 +45,12 @@ def test_preamble_epilogue_quoted_boundary_and_rfc5987_filename():
         (
             b'--x\r\nContent-Disposition: form-data; name="a"\r\n\r\nno end',
             "multipart/form-data; boundary=x",
-        ),  # noqa: E501
+        ),
         (b"--x\r\nX-Other: 1\r\n\r\ndata\r\n--x--", "multipart/form-data; boundary=x"),
         (
             b"--x\r\nContent-Disposition: attachment\r\n\r\nd\r\n--x--",
             "multipart/form-data; boundary=x",
-        ),  # noqa: E501
+        ),
         (b"no delimiter at all", "multipart/form-data; boundary=x"),
         (b"--x--", "multipart/form-data"),  # no boundary parameter
     ],

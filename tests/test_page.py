@@ -63,7 +63,7 @@ def page(browser, page_server):
     blocked: list[str] = []
     allowed = urlparse(page_server).netloc
 
-    def gate(route):  # noqa: ANN001 - Playwright's Route
+    def gate(route):
         url = route.request.url
         if urlparse(url).netloc == allowed or url.startswith(("data:", "blob:")):
             route.continue_()
@@ -77,7 +77,7 @@ def page(browser, page_server):
     context.close()
 
 
-def _png_file(tmp_path: Path, name: str, pixels) -> Path:  # noqa: ANN001
+def _png_file(tmp_path: Path, name: str, pixels) -> Path:
     path = tmp_path / name
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "PNG")

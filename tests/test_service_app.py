@@ -20,7 +20,7 @@ from starlette.testclient import TestClient
 
 from convserve.preprocess import from_bytes
 from convserve.runtime import softmax
-from convserve.service.pool import open_model
+from convserve.service.loading import open_model
 from convserve.service.settings import ServiceSettings
 
 

@@ -17,7 +17,8 @@ from PIL import Image
 from serving import start_server, stop_server
 
 from convserve.preprocess import from_pixels
-from convserve.runtime import softmax, top_k
+from convserve.runtime import softmax
+from convserve.service.tasks.classify import top_k
 
 ROOT = Path(__file__).resolve().parent.parent
 

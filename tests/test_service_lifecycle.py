@@ -92,7 +92,7 @@ def _resign(version_dir: Path, name: str) -> None:
     yaml_file.write_text(text.replace(old, new))
 
 
-def _edit_spec(version_dir: Path, change) -> None:  # noqa: ANN001
+def _edit_spec(version_dir: Path, change) -> None:
     spec_file = version_dir / "spec.json"
     spec = json.loads(spec_file.read_text())
     change(spec)
@@ -221,7 +221,7 @@ def test_burst_of_8x_the_admission_limit_is_shed_fast_and_answers_stay_correct(
 
     # Each answered request got its own images' predictions (no cross-talk in a batch).
     from convserve.preprocess import from_bytes
-    from convserve.service.pool import open_model
+    from convserve.service.loading import open_model
     from convserve.service.settings import ServiceSettings
 
     _, classifier = open_model(quick_stored[1].tag, ServiceSettings(models=[quick_stored[1].tag]))

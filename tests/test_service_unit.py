@@ -24,10 +24,10 @@ from starlette.testclient import TestClient
 
 from convserve.errors import ConvserveError, InvalidInput
 from convserve.runtime import OnnxClassifier, ProviderError, SessionConfig, make_session
-from convserve.service import oip
-from convserve.service.admission import Admission, AdmissionMiddleware
+from convserve.service.admission import CLOSE, Admission, BodyRefused, ClientGone
 from convserve.service.batching import Batcher
-from convserve.service.errors import rest, status_of
+from convserve.service.protocols.oip import types as oip
+from convserve.service.protocols.rest import Rest, status_of
 from convserve.service.settings import ServiceSettings
 from convserve.service.tensors import parse_dtype, parse_shape, read_npy, read_raw, to_model_input
 from convserve.spec import FASHION_MNIST_MEAN, FASHION_MNIST_STD, InputSpec
@@ -104,7 +104,7 @@ def test_batcher_refuses_past_its_queue_limit_with_retry_after():
         with pytest.raises(ConvserveError) as err:
             await batcher.submit(_images(4))
         assert (status_of(err.value), err.value.code) == (503, "queue_full")
-        assert rest(err.value).headers == {"Retry-After": "1"}
+        assert Rest.render_error(err.value, None).headers == {"Retry-After": "1"}
         assert (await first).shape == (8, 10)
         assert batcher.pending_images == 0
 
@@ -242,7 +242,53 @@ def test_too_many_tensor_images():
 # --- admission -------------------------------------------------------------------------------
 
 
-def _admission_app(limits: Admission, gate: asyncio.Event | None = None):
+class _Admitted:
+    """ASGI: `app` behind `limits` as the server's front door applies them to an operation (the
+    body read within the limits, an in-flight place taken, refusals rendered as REST errors;
+    each refusal's code appended to `rejected`), the body then replayed to `app`."""
+
+    def __init__(self, app, limits: Admission, rejected: list[str]) -> None:
+        self.app, self.limits, self.rejected = app, limits, rejected
+
+    async def _refuse(self, send, error, headers=None) -> None:
+        from convserve.service.server import send_bytes
+
+        self.rejected.append(error.code)
+        wire = Rest.render_error(error, None)
+        await send_bytes(send, wire.status, wire.body, {**wire.headers, **(headers or {})})
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await self.limits.admit(scope, receive)
+        except ClientGone:
+            return
+        except BodyRefused as refusal:
+            await self._refuse(send, refusal.error, CLOSE if refusal.close else None)
+            return
+        except ConvserveError as error:
+            await self._refuse(send, error)
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: only a disconnect can come
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            self.limits.leave(body)
+
+
+def _admission_app(
+    limits: Admission, gate: asyncio.Event | None = None, rejected: list[str] | None = None
+):
     reads: list[int] = []
 
     async def echo(request: Request) -> JSONResponse:
@@ -255,9 +301,7 @@ def _admission_app(limits: Admission, gate: asyncio.Event | None = None):
         return JSONResponse({"bytes": len(body)})
 
     app = Starlette(routes=[Route("/x", echo, methods=["POST"])])
-    app.add_middleware(AdmissionMiddleware)
-    app.state.admission = limits
-    return app, reads
+    return _Admitted(app, limits, [] if rejected is None else rejected), reads
 
 
 def test_declared_body_over_the_limit_is_413_before_reading_it():
@@ -289,8 +333,8 @@ def test_in_flight_limit_answers_503_busy_with_retry_after():
         import httpx
 
         gate = asyncio.Event()
-        limits = Admission(max_body_bytes=10_000, max_in_flight=2, on_reject=rejected.append)
-        app, _ = _admission_app(limits, gate)
+        limits = Admission(max_body_bytes=10_000, max_in_flight=2)
+        app, _ = _admission_app(limits, gate, rejected)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             held = [asyncio.ensure_future(client.post("/x", content=b"a")) for _ in range(2)]
@@ -308,7 +352,7 @@ def test_in_flight_limit_answers_503_busy_with_retry_after():
 
 
 def _call(limits: Admission, messages: list, *, declared: int | None = None, delay: float = 0):
-    """One request straight through AdmissionMiddleware: `messages` are what the client sends,
+    """One request straight through the admission limits: `messages` are what the client sends,
     one per receive(), `delay` seconds apart (the last one never comes when delay is huge)."""
     app, _ = _admission_app(limits)
     sent: list[dict] = []
@@ -476,15 +520,15 @@ def test_readme_documents_every_setting():
 
 
 def test_pool_is_ready_only_after_warm_up(quick_stored):
-    from convserve.service.pool import ModelPool
-    from convserve.service.tasks import TASKS
+    from convserve.service.server import Server
 
     settings = ServiceSettings(models=[quick_stored[1].tag], warmup_requests=2, max_batch_size=4)
-    pool = ModelPool.load(settings, None, TASKS)
+    server = Server.start(settings)
+    pool = server.models
     assert not pool.ready
-    asyncio.run(pool.warm_up(settings))
+    asyncio.run(server.warm_up())
     assert pool.ready
-    pool.shutdown()
+    server.shutdown()
 
 
 # --- Open Inference Protocol wire format ---------------------------------------------------------
@@ -517,7 +561,7 @@ def test_binary_bytes_elements_and_leftover_bytes():
 @pytest.mark.parametrize("shape", [(1, 10), (3, 10), (64, 10), (2, 1000)])
 @pytest.mark.parametrize("k", [1, 3, 10])
 def test_top_k_lists_match_numpy_top_k_ties_included(shape, k):
-    from convserve.runtime import top_k, top_k_lists
+    from convserve.service.tasks.classify import top_k, top_k_lists
 
     p = np.random.default_rng(k).random(shape).astype(np.float32)
     p[0, 1] = p[0, 2] = p[0].max()  # a tie at the top: the lower index first
@@ -531,7 +575,7 @@ def test_a_star_serves_every_stored_model_and_stands_alone(quick_stored):
     version, in name order, so an image built from a directory serves what it holds."""
     import bentoml
 
-    from convserve.service.pool import served_tags
+    from convserve.service.loading import served_tags
 
     tags = served_tags(ServiceSettings(models=["*"]))
     names = sorted({m.tag.name for m in bentoml.models.list()})
@@ -543,18 +587,20 @@ def test_a_star_serves_every_stored_model_and_stands_alone(quick_stored):
 def test_the_default_top_k_is_capped_at_the_class_count(quick_stored):
     """A default of 15 on a 10-class model answers 10 predictions (an imported 3-class model
     with the default of 5 answers 3); an explicit top_k past the classes is still refused."""
-    from convserve.service.inference import Inference
-    from convserve.service.pool import ModelPool
-    from convserve.service.tasks import TASKS
+    from convserve.service.server import Server
+    from convserve.service.tasks.classify import ClassifyTask
+    from convserve.spec import TaskName
 
     settings = ServiceSettings(models=[quick_stored[1].tag], default_top_k=15)
-    pool = ModelPool.load(settings, None, TASKS)
+    server = Server.start(settings)
     try:
-        inference, classify = Inference.create(settings, pool), TASKS["classify"]
-        served, k = classify.resolve(inference, None, None, None)
+        classify = server.tasks[TaskName.CLASSIFY]
+        assert isinstance(classify, ClassifyTask)
+        served = server.models.get(None, None, TaskName.CLASSIFY)
+        k = classify.top_k(served, None)
         assert (served.spec.num_classes, k) == (10, 10)
         with pytest.raises(InvalidInput) as err:
-            classify.resolve(inference, None, None, 11)
+            classify.top_k(served, 11)
         assert err.value.code == "invalid_top_k"
     finally:
-        pool.shutdown()
+        server.shutdown()

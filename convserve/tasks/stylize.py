@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from convserve.errors import InvalidInput
+from convserve.errors import ErrorCode, InvalidInput
 
 
 def style_weights(text: str, styles: int) -> np.ndarray:
@@ -16,7 +16,9 @@ def style_weights(text: str, styles: int) -> np.ndarray:
     weights = np.zeros(styles, dtype=np.float64)
     parts = [p.strip() for p in text.split(",")]
     if not text.strip() or any(not p for p in parts):
-        raise InvalidInput("invalid_style", f"style: give an index 0-{styles - 1} or a blend")
+        raise InvalidInput(
+            ErrorCode.INVALID_STYLE, f"style: give an index 0-{styles - 1} or a blend"
+        )
     for part in parts:
         index_text, sep, weight_text = part.partition(":")
         try:
@@ -24,16 +26,20 @@ def style_weights(text: str, styles: int) -> np.ndarray:
             weight = float(weight_text) if sep else 1.0
         except ValueError:
             raise InvalidInput(
-                "invalid_style", f"style {part[:20]!r}: expected INDEX or INDEX:WEIGHT"
+                ErrorCode.INVALID_STYLE, f"style {part[:20]!r}: expected INDEX or INDEX:WEIGHT"
             ) from None
         if not 0 <= index < styles:
-            raise InvalidInput("invalid_style", f"style index {index} is not in 0-{styles - 1}")
+            raise InvalidInput(
+                ErrorCode.INVALID_STYLE, f"style index {index} is not in 0-{styles - 1}"
+            )
         if not np.isfinite(weight) or weight < 0:
-            raise InvalidInput("invalid_style", "style weights must be finite and non-negative")
+            raise InvalidInput(
+                ErrorCode.INVALID_STYLE, "style weights must be finite and non-negative"
+            )
         weights[index] += weight
     total = weights.sum()
     if total <= 0:
-        raise InvalidInput("invalid_style", "style weights must not all be zero")
+        raise InvalidInput(ErrorCode.INVALID_STYLE, "style weights must not all be zero")
     return (weights / total).astype(np.float32)
 
 

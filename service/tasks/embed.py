@@ -12,99 +12,79 @@ Both go through the model's batcher: a /verify is one request of two images.
 from __future__ import annotations
 
 import json
-from typing import Any, cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
-from fastapi import APIRouter
-from fastapi import Request as HttpRequest
-from fastapi.responses import Response
+from pydantic import ConfigDict, Field
 
-from convserve.errors import InvalidInput
 from convserve.runtime import OnnxModel
-from convserve.service import rest
-from convserve.service.inference import Inference, Upload, current
-from convserve.service.pool import ServedModel
+from convserve.service.batching import Infer
+from convserve.service.messages import Answer
 from convserve.service.schemas import (
+    PNG_8X8_BASE64,
+    Base64Text,
     EmbedResponse,
-    ImagesRequest,
-    VerifyJsonRequest,
+    EncodedImage,
+    ImagesBody,
     VerifyResponse,
-    json_body_schema,
 )
-from convserve.service.task import Answer, OutputInfo, Request, Rows, Task
-from convserve.service.wire import decode_base64, media_type
-from convserve.spec import ModelSpec
+from convserve.service.tasks.base import (
+    ImageParts,
+    ImagesCall,
+    ModelParams,
+    OutputInfo,
+    Route,
+    Task,
+)
+from convserve.spec import ModelSpec, TaskName
 from convserve.tasks.embed import squared_distance, unit
 
-TWO = 'send exactly two images: multipart parts `a` and `b`, or JSON {"images": [A, B]}'
+if TYPE_CHECKING:
+    from convserve.service.loading import ServedModel
 
 
-def _two_from_form(inference: Inference, request: Request) -> list[Upload]:
-    found = rest.form_files(request.body, request.content_type or "", inference, ("a", "b"))
-    if len(found["a"]) != 1 or len(found["b"]) != 1:
-        raise InvalidInput(
-            "invalid_request", f"{TWO}; got {len(found['a'])} a and {len(found['b'])} b"
-        )
-    return [found["a"][0], found["b"][0]]
+class EmbedJsonRequest(ModelParams, ImagesBody):
+    """JSON variant of /embed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class VerifyJsonRequest(ModelParams, ImagesBody):
+    """JSON variant of /verify: exactly two images, A then B."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"images": [PNG_8X8_BASE64, PNG_8X8_BASE64]}]},
+    )
+
+    images: list[EncodedImage | Base64Text] = Field(
+        min_length=2, max_length=2, description="the two images to compare"
+    )
 
 
 class EmbedTask(Task):
-    name = "embed"
-    routes = {"/embed": "embed", "/verify": "verify"}
+    name = TaskName.EMBED
 
-    def runner(self, model: OnnxModel, spec: ModelSpec):  # noqa: ANN201 - an Infer
+    def runner(self, model: OnnxModel, spec: ModelSpec) -> Infer:
         # Unit length whatever the graph gives (an imported model may not normalize).
-        return lambda x: unit(model.run(x)[0])  # type: ignore[arg-type]
+        return lambda x: unit(model.run(cast(np.ndarray, x))[0])  # one input: an array
 
     def oip_outputs(self, spec: ModelSpec, model: OnnxModel) -> list[OutputInfo]:
         assert spec.embed is not None
         return [OutputInfo(spec.embed.output, "FP32", [-1, spec.embed.dim])]
 
-    def oip_values(self, spec: ModelSpec, model: OnnxModel, outputs: Rows) -> dict[str, Any]:
-        assert spec.embed is not None
-        return {spec.embed.output: outputs}
-
-    def _served(self, inference: Inference, params: dict[str, str], body: Any) -> ServedModel:
-        model = rest.same_or_conflict("model", params.get("model"), body and body.model)
-        version = rest.same_or_conflict("version", params.get("version"), body and body.version)
-        return inference.resolve(model, version, self.name)  # type: ignore[arg-type]
-
-    async def embed(self, inference: Inference, request: Request) -> Answer:
-        params = rest.query(request.query_string)
-        served, images = await rest.read_images(
-            inference,
-            request.content_type,
-            request.body,
-            ImagesRequest,
-            lambda body: self._served(inference, params, body),
-        )
-        batch = await inference.decode(served, images)
-        vectors = await inference.run(served, batch.x)  # N x dim, unit length
+    async def embed(self, served: ServedModel, call: ImagesCall[ModelParams]) -> Answer:
+        batch = await self.decoder.decode(served.spec.input, call.uploads)
+        vectors = await served.batcher.submit(batch.x)  # N x dim, unit length
         results = [
             {"filename": name, "embedding": row}
-            for (name, _), row in zip(images, cast(np.ndarray, vectors).tolist(), strict=True)
+            for (name, _), row in zip(call.uploads, cast(np.ndarray, vectors).tolist(), strict=True)
         ]
         return Answer(json.dumps({"model": served.stored.tag, "results": results}).encode())
 
-    async def verify(self, inference: Inference, request: Request) -> Answer:
-        params = rest.query(request.query_string)
-        kind = media_type(request.content_type)
-        if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
-            served = self._served(inference, params, None)
-            images: list[Upload] = _two_from_form(inference, request)
-        elif kind == "application/json":
-            body = rest.parse_json(request.body, VerifyJsonRequest)
-            served = self._served(inference, params, body)
-            if len(body.images) != 2:
-                raise InvalidInput("invalid_request", f"{TWO}; got {len(body.images)} images")
-            images = [
-                (None, decode_base64(it if isinstance(it, str) else it.data, f"images[{n}]"))
-                for n, it in enumerate(body.images)
-            ]
-        else:
-            raise InvalidInput("unsupported_media_type", TWO)
-        batch = await inference.decode(served, images)
-        a, b = await inference.run(served, batch.x)  # type: ignore[misc]
+    async def verify(self, served: ServedModel, call: ImagesCall[ModelParams]) -> Answer:
+        batch = await self.decoder.decode(served.spec.input, call.uploads)  # A, then B
+        a, b = await served.batcher.submit(batch.x)
         spec = served.spec.embed
         assert spec is not None
         distance = float(squared_distance(a[None], b[None])[0])
@@ -116,58 +96,25 @@ class EmbedTask(Task):
         }
         return Answer(json.dumps(answer).encode())
 
-    def router(self) -> APIRouter:
-        router = APIRouter()
-        task = self
-
-        @router.post(
+    routes = (
+        Route(
             "/embed",
-            response_model=None,
-            responses={
-                200: {"model": EmbedResponse, "description": "one embedding per image"},
-                **rest.INFERENCE_ERRORS,
-            },
-            summary="Embed images: a unit-length vector each",
-            openapi_extra={
-                "parameters": rest.MODEL_PARAMETERS,
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "multipart/form-data": {"schema": rest.multipart_schema("images")},
-                        **rest.IMAGE_BODIES,
-                        "application/json": {"schema": json_body_schema(ImagesRequest)},
-                    },
-                },
-            },
-        )
-        async def embed_route(request: HttpRequest) -> Response:
-            """Served by the raw ASGI path (`hotpath.py`) in the running service."""
-            answer = await task.embed(current(request), await rest.plain(request))
-            return Response(answer.body, media_type=answer.media_type.decode())
-
-        @router.post(
+            ModelParams,
+            ImageParts(),
+            embed,
+            "Embed images: a unit-length vector each",
+            EmbedResponse,
+            EmbedJsonRequest,
+            answer="one embedding per image",
+        ),
+        Route(
             "/verify",
-            response_model=None,
-            responses={
-                200: {"model": VerifyResponse, "description": "the two images compared"},
-                **rest.INFERENCE_ERRORS,
-            },
-            summary="Verify: are two images the same identity? (squared distance <= threshold)",
-            openapi_extra={
-                "parameters": rest.MODEL_PARAMETERS,
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "multipart/form-data": {
-                            "schema": rest.multipart_schema("a", "b", many=False)
-                        },
-                        "application/json": {"schema": json_body_schema(VerifyJsonRequest)},
-                    },
-                },
-            },
-        )
-        async def verify_route(request: HttpRequest) -> Response:
-            answer = await task.verify(current(request), await rest.plain(request))
-            return Response(answer.body, media_type=answer.media_type.decode())
-
-        return router
+            ModelParams,
+            ImageParts(fields=("a", "b"), one_each=True, raw_body=False),
+            verify,
+            "Verify: are two images the same identity? (squared distance <= threshold)",
+            VerifyResponse,
+            VerifyJsonRequest,
+            answer="the two images compared",
+        ),
+    )

@@ -14,31 +14,63 @@ deterministic and the PNG encoder is too.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
-from fastapi import APIRouter
-from fastapi import Request as HttpRequest
-from fastapi.responses import Response
+from pydantic import ConfigDict, Field
 
-from convserve.errors import InvalidInput
 from convserve.runtime import OnnxModel
-from convserve.service import rest
-from convserve.service.inference import Inference, current
-from convserve.service.pool import ServedModel
-from convserve.service.schemas import STYLE_PATTERN, StylizeJsonRequest, json_body_schema
-from convserve.service.settings import ServiceSettings
-from convserve.service.task import Answer, Infer, OutputInfo, Request, Rows, Task
-from convserve.spec import ModelSpec
+from convserve.service.batching import Infer, Rows
+from convserve.service.messages import Answer
+from convserve.service.schemas import (
+    PNG_8X8_BASE64,
+    STYLE_PATTERN,
+    Base64Text,
+    EncodedImage,
+    ImagesBody,
+)
+from convserve.service.tasks.base import (
+    ImageParts,
+    ImagesCall,
+    ModelParams,
+    OutputInfo,
+    Route,
+    Task,
+)
+from convserve.spec import ModelSpec, TaskName
 from convserve.tasks.stylize import style_weights, to_png
+
+if TYPE_CHECKING:
+    from convserve.service.loading import ServedModel
 
 SCALED = "X-Convserve-Scaled"
 WARM_UP_SIDE = 256  # warm-up runs at this size: the largest allowed would cost seconds
 
 
+class StylizeParams(ModelParams):
+    style: str | None = Field(
+        default=None,
+        pattern=STYLE_PATTERN,
+        description="a style index (0-25 for the 26-style network), or a blend of "
+        "weighted indices such as 3:0.5,12:0.5 (default 0)",
+    )
+
+
+class StylizeJsonRequest(StylizeParams, ImagesBody):
+    """JSON variant of /stylize: one image, and the style."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"images": [PNG_8X8_BASE64], "style": "3:0.5,12:0.5"}]},
+    )
+
+    images: list[EncodedImage | Base64Text] = Field(
+        min_length=1, max_length=1, description="the image to stylize"
+    )
+
+
 class StylizeTask(Task):
-    name = "stylize"
-    routes = {"/stylize": "stylize"}
+    name = TaskName.STYLIZE
 
     def runner(self, model: OnnxModel, spec: ModelSpec) -> Infer:
         """(images 1 x 3 x H x W, style weights 1 x styles) -> stylized 1 x 3 x H x W."""
@@ -52,7 +84,7 @@ class StylizeTask(Task):
 
         return run
 
-    def max_batch(self, spec: ModelSpec, settings: ServiceSettings) -> int:
+    def max_batch(self, spec: ModelSpec) -> int:
         return 1  # one image of its own size per call
 
     def warm_up_input(self, spec: ModelSpec, n: int) -> Rows:
@@ -65,55 +97,27 @@ class StylizeTask(Task):
         assert spec.stylize is not None
         return [OutputInfo(spec.stylize.output, "FP32", [-1, 3, -1, -1])]
 
-    def oip_values(self, spec: ModelSpec, model: OnnxModel, outputs: Rows) -> dict[str, Any]:
-        raise AssertionError("a stylizer takes two inputs: OIP refuses it before running")
-
-    async def stylize(self, inference: Inference, request: Request) -> Answer:
-        params = rest.query(request.query_string)
-
-        def resolve(body: StylizeJsonRequest | None) -> tuple[ServedModel, np.ndarray]:
-            model = rest.same_or_conflict("model", params.get("model"), body and body.model)
-            version = rest.same_or_conflict("version", params.get("version"), body and body.version)
-            style = rest.same_or_conflict("style", params.get("style"), body and body.style)
-            served = inference.resolve(model, version, self.name)  # type: ignore[arg-type]
-            assert served.spec.stylize is not None
-            return served, style_weights(
-                str(style) if style is not None else "0", served.spec.stylize.styles
-            )
-
-        (served, weights), images = await rest.read_images(
-            inference, request.content_type, request.body, StylizeJsonRequest, resolve
-        )
-        if len(images) != 1:
-            raise InvalidInput("invalid_request", f"send one image to stylize; got {len(images)}")
-        batch = await inference.decode(served, images)
+    async def stylize(self, served: ServedModel, call: ImagesCall[StylizeParams]) -> Answer:
+        assert served.spec.stylize is not None
+        weights = style_weights(call.params.style or "0", served.spec.stylize.styles)
+        batch = await self.decoder.decode(served.spec.input, call.uploads)
         place = batch.placements[0]
-        stylized = await inference.run(served, (batch.x, weights[None]))  # 1 x 3 x H' x W'
+        stylized = await served.batcher.submit((batch.x, weights[None]))  # 1 x 3 x H' x W'
         width, height = round(place.width * place.scale_x), round(place.height * place.scale_y)
-        headers = {}
+        headers: dict[str, str] = {}
         if (width, height) != (place.width, place.height):
             headers[SCALED] = f"{place.width}x{place.height}->{width}x{height}"
         png = to_png(np.asarray(stylized)[0], width, height)  # the padding cropped off
         return Answer(png, b"image/png", headers)
 
-    def router(self) -> APIRouter:
-        router = APIRouter()
-        task = self
-        params = [
-            {
-                "name": "style",
-                "in": "query",
-                "required": False,
-                "description": "a style index (0-25 for the 26-style network), or a blend of "
-                "weighted indices such as 3:0.5,12:0.5 (default 0)",
-                "schema": {"type": "string", "pattern": STYLE_PATTERN},
-            },
-            *rest.MODEL_PARAMETERS,
-        ]
-
-        @router.post(
+    routes = (
+        Route(
             "/stylize",
-            response_model=None,
+            StylizeParams,
+            ImageParts(most=1),
+            stylize,
+            "Stylize one image with a style (or a blend): PNG of the same size",
+            json_body=StylizeJsonRequest,
             responses={
                 200: {
                     "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
@@ -126,26 +130,6 @@ class StylizeTask(Task):
                         }
                     },
                 },
-                **rest.INFERENCE_ERRORS,
             },
-            summary="Stylize one image with a style (or a blend): PNG of the same size",
-            openapi_extra={
-                "parameters": params,
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "multipart/form-data": {"schema": rest.multipart_schema("images", most=1)},
-                        **rest.IMAGE_BODIES,
-                        "application/json": {"schema": json_body_schema(StylizeJsonRequest)},
-                    },
-                },
-            },
-        )
-        async def stylize_route(request: HttpRequest) -> Response:
-            """Served by the raw ASGI path (`hotpath.py`) in the running service."""
-            answer = await task.stylize(current(request), await rest.plain(request))
-            return Response(
-                answer.body, media_type=answer.media_type.decode(), headers=answer.headers
-            )
-
-        return router
+        ),
+    )

@@ -1,4 +1,5 @@
-"""The models a service serves: each verified, with its own session, task and batcher.
+"""Loading the models a worker serves: each verified, with its own session, task and batcher,
+then warmed up. Looking them up is the server's (`server.Models`).
 
 Start-up contract for every model, in `open_model`: present in the store; every file byte for
 byte as exported (sha256) and no other file; session created on the requested providers; the
@@ -14,19 +15,18 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from convserve.errors import InvalidInput, NotServed
 from convserve.preprocess import from_pixels
 from convserve.runtime import OnnxModel, ProviderError, SessionConfig, make_session, runtime_for
 from convserve.service.batching import Batcher
 from convserve.service.clock import Clock
 from convserve.service.metrics import ServiceMetrics
 from convserve.service.settings import ALL_MODELS, ServiceSettings
-from convserve.service.task import Task
-from convserve.spec import ONNX_METADATA_KEY, ModelSpec
+from convserve.service.tasks.base import OutputInfo, Task
+from convserve.spec import ONNX_METADATA_KEY, ModelSpec, TaskName
 from convserve.store import (
     KnownAnswer,
     StoredModel,
@@ -95,7 +95,7 @@ def check_known_answer(stored: StoredModel, model: OnnxModel, atol: float) -> fl
         float(np.abs(a - e).max(initial=0.0)) for a, e in zip(actual, known.outputs, strict=True)
     )
     if labelled:
-        labels = [spec.labels[i] for i in actual[0].argmax(1)]
+        labels = [spec.labels[int(i)] for i in actual[0].argmax(1).tolist()]
         if labels != known.labels:
             raise StartupError(
                 f"model {stored.tag}: start-up self-test failed: top-1 labels differ from those "
@@ -109,7 +109,7 @@ def check_known_answer(stored: StoredModel, model: OnnxModel, atol: float) -> fl
     return diff
 
 
-def task_of(stored: StoredModel, tasks: Mapping[str, Task]) -> Task:
+def task_of(stored: StoredModel, tasks: Mapping[TaskName, Task]) -> Task:
     task = tasks.get(stored.spec.task)
     if task is None:  # a spec from a newer convserve
         raise StartupError(f"model {stored.tag}: task {stored.spec.task!r} is not served here")
@@ -125,7 +125,7 @@ def open_model(tag: str, settings: ServiceSettings) -> tuple[StoredModel, OnnxMo
             session = make_session(stored.path, session_config(settings))
         except ProviderError:
             raise
-        except Exception as exc:  # ONNX Runtime's own errors: a file it cannot load
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors: a file it cannot load
             raise StartupError(
                 f"model {stored.tag}: ONNX Runtime cannot load model.onnx "
                 f"({type(exc).__name__}); re-export it"
@@ -172,118 +172,46 @@ class ServedModel:
     model: OnnxModel
     task: Task
     batcher: Batcher
-
-    @property
-    def spec(self) -> ModelSpec:
-        return self.stored.spec
+    outputs: list[OutputInfo]  # the runner's outputs, in order, as the OIP names them
+    spec: ModelSpec  # the stored spec (a field, not a lookup: requests read it often)
 
 
-@dataclass
-class ModelPool:
-    """Lookup by name, version and task; the first configured model is the default, and the
-    first of each task that task's default."""
-
-    models: list[ServedModel]
-    ready: bool = False
-    _by_name: dict[str, list[ServedModel]] = field(default_factory=dict, init=False)
-
-    def __post_init__(self) -> None:
-        for served in self.models:
-            self._by_name.setdefault(served.stored.name, []).append(served)
-
-    @classmethod
-    def load(
-        cls,
-        settings: ServiceSettings,
-        metrics: ServiceMetrics | None,
-        tasks: Mapping[str, Task],
-        clock: Clock | None = None,
-    ) -> ModelPool:
-        """Every configured model opened, verified and given its task (from `tasks`, by the
-        spec's task name) and its batcher."""
-        models = []
-        for tag in served_tags(settings):
-            stored, model = open_model(tag, settings)
-            task = task_of(stored, tasks)
-            batcher = Batcher(
-                task.runner(model, stored.spec),
-                max_batch_size=task.max_batch(stored.spec, settings),
-                max_latency_ms=settings.max_latency_ms,
-                max_queue_delay_ms=settings.max_queue_delay_ms,
-                max_queued_images=settings.max_queued_images,
-                timeout_s=settings.request_timeout_ms / 1000,
-                observer=metrics.observer(stored.tag) if metrics else None,
-                name=stored.tag,
-                clock=clock,
-            )
-            models.append(ServedModel(stored, model, task, batcher))
-        _refuse_duplicates([m.stored.tag for m in models])
-        return cls(models)
-
-    @property
-    def default(self) -> ServedModel:
-        return self.models[0]
-
-    def get(
-        self, name: str | None = None, version: str | None = None, task: str | None = None
-    ) -> ServedModel:
-        """The model a request asked for; `NotServed` when it is not served. Without a name,
-        the default model (the first served model of `task`, when a task is given)."""
-        if name is None:
-            if task is not None:
-                default = next((m for m in self.models if m.spec.task == task), None)
-                if default is None:
-                    raise NotServed(
-                        "model_not_found",
-                        f"no {task} model is served; GET /models lists the served ones",
-                    )
-                name = default.stored.name
-                if version is None:
-                    return default
-            elif version is None:
-                return self.default
-            else:
-                name = self.default.stored.name
-        served = self._named(name, version)
-        if task is not None and served.spec.task != task:
-            raise InvalidInput(
-                "wrong_task",
-                f"model {name!r} is a {served.spec.task} model, not a {task} one; "
-                "GET /models lists each model's task",
-            )
-        return served
-
-    def _named(self, name: str, version: str | None) -> ServedModel:
-        candidates = self._by_name.get(name)
-        if not candidates:
-            raise NotServed(
-                "model_not_found",
-                f"model {name!r} is not served; GET /models lists the served ones",
-            )
-        if version is None:
-            return candidates[0]
-        if version == "latest":
-            return max(candidates, key=lambda m: m.stored.created)
-        for served in candidates:
-            if served.stored.version == version:
-                return served
-        raise NotServed(
-            "version_not_found",
-            f"version {version!r} of model {name!r} is not served; GET /models lists them",
+def load_models(
+    settings: ServiceSettings,
+    metrics: ServiceMetrics | None,
+    tasks: Mapping[TaskName, Task],
+    clock: Clock | None = None,
+) -> list[ServedModel]:
+    """Every configured model opened, verified and given its task (from `tasks`, by the spec's
+    task name) and its batcher."""
+    models: list[ServedModel] = []
+    for tag in served_tags(settings):
+        stored, model = open_model(tag, settings)
+        task = task_of(stored, tasks)
+        batcher = Batcher(
+            task.runner(model, stored.spec),
+            max_batch_size=task.max_batch(stored.spec),
+            max_latency_ms=settings.max_latency_ms,
+            max_queue_delay_ms=settings.max_queue_delay_ms,
+            max_queued_images=settings.max_queued_images,
+            timeout_s=settings.request_timeout_ms / 1000,
+            observer=metrics.observer(stored.tag) if metrics else None,
+            name=stored.tag,
+            clock=clock,
         )
+        outputs = task.oip_outputs(stored.spec, model)
+        models.append(ServedModel(stored, model, task, batcher, outputs, stored.spec))
+    _refuse_duplicates([m.stored.tag for m in models])
+    return models
 
-    async def warm_up(self, settings: ServiceSettings) -> None:
-        for served in self.models:
-            example = served.task.warm_up_input(served.spec, served.batcher.max_batch_size)
-            # A full-size batch first, so ORT's arena holds the largest buffers before traffic.
-            started = time.perf_counter()
-            await asyncio.get_running_loop().run_in_executor(None, served.batcher.infer, example)
-            # The batcher's cost model starts knowing both ends: a full batch and (below) one.
-            served.batcher.cost.update(served.batcher.max_batch_size, time.perf_counter() - started)
-            one = served.task.warm_up_input(served.spec, 1)
-            await served.batcher.warm_up(one, settings.warmup_requests)
-        self.ready = True
 
-    def shutdown(self) -> None:
-        for served in self.models:
-            served.batcher.shutdown()
+async def warm_up(models: list[ServedModel], settings: ServiceSettings) -> None:
+    for served in models:
+        example = served.task.warm_up_input(served.spec, served.batcher.max_batch_size)
+        # A full-size batch first, so ORT's arena holds the largest buffers before traffic.
+        started = time.perf_counter()
+        await asyncio.get_running_loop().run_in_executor(None, served.batcher.infer, example)
+        # The batcher's cost model starts knowing both ends: a full batch and (below) one.
+        served.batcher.cost.update(served.batcher.max_batch_size, time.perf_counter() - started)
+        one = served.task.warm_up_input(served.spec, 1)
+        await served.batcher.warm_up(one, settings.warmup_requests)
