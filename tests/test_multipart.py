@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import string
+
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from convserve.errors import InvalidInput
 from convserve.service.protocols import rest as multipart  # its multipart/form-data splitter
@@ -70,3 +74,31 @@ def test_too_many_files_and_too_many_parts_are_refused_early():
     with pytest.raises(InvalidInput) as err:
         multipart.split(body, ctype, max_files=5, max_parts=10)
     assert err.value.code == "malformed_body"
+
+
+BCHARS = "'()+_,./:=?-"  # RFC 2046's boundary characters besides letters and digits
+
+
+@given(
+    st.text(alphabet=string.ascii_letters + string.digits + "_-.", min_size=1, max_size=20),
+    st.one_of(st.none(), st.text(alphabet=string.ascii_letters + " _-.()", max_size=30)),
+    st.text(alphabet=string.ascii_letters + string.digits + BCHARS, min_size=1, max_size=70),
+)
+def test_the_common_headers_read_fast_as_the_full_parser_reads_them(name, filename, boundary):
+    """The one-match reading of what clients usually send (`boundary=`, `form-data; name=...;
+    filename=...`) gives what python-multipart's header parser gives."""
+    from python_multipart.multipart import parse_options_header
+
+    content_type = f"multipart/form-data; boundary={boundary}"
+    assert multipart.boundary_of(content_type) == parse_options_header(content_type)[1][b"boundary"]
+    disposition = f'form-data; name="{name}"' + (
+        "" if filename is None else f'; filename="{filename}"'
+    )
+    body = f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\nxy\r\n--{boundary}--\r\n"
+    (part,) = multipart.split(body.encode(), content_type, max_files=1)
+    _, params = parse_options_header(disposition.encode())
+    expected = params.get(b"filename")
+    assert (part.name, part.filename) == (
+        params[b"name"].decode(),
+        None if expected is None else expected.decode(),
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -353,7 +354,17 @@ def _malformed(why: str) -> InvalidInput:
     return InvalidInput(ErrorCode.MALFORMED_BODY, f"the multipart body could not be parsed: {why}")
 
 
+# What browsers and HTTP libraries send, read with one match; anything else (quoting, escapes,
+# RFC 5987 names, other spellings) goes to python-multipart's header parser. The parser's two
+# calls cost ~16 µs of a 28 px PNG's request (py-spy, docs/bench/profile-core).
+_SIMPLE_BOUNDARY = re.compile(r"multipart/form-data; ?boundary=([0-9A-Za-z'()+_,./:=?-]{1,200})")
+_SIMPLE_DISPOSITION = re.compile(rb'form-data; name="([^"\\]*)"(?:; filename="([^"\\]*)")?')
+
+
 def boundary_of(content_type: str) -> bytes:
+    simple = _SIMPLE_BOUNDARY.fullmatch(content_type)
+    if simple is not None:
+        return simple[1].encode()
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary", b"")
     if not boundary or len(boundary) > 200:
@@ -375,6 +386,10 @@ def _headers(block: bytes) -> tuple[str, str | None]:
         if not sep:
             raise _malformed("a part header has no colon")
         if key.strip().lower() == b"content-disposition":
+            simple = _SIMPLE_DISPOSITION.fullmatch(value.strip())
+            if simple is not None:
+                name, filename = simple.groups()
+                return _text(name), None if filename is None else _text(filename)
             kind, params = parse_options_header(value.strip())
             if kind != b"form-data" or b"name" not in params:
                 raise _malformed("a part is not form-data with a name")
