@@ -13,7 +13,8 @@ CONTAINER_TOOLS := /usr/bin/buildah /usr/sbin/debootstrap
 BROWSER := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install dataset container-tools browser serve test test-fast test-long lint bench profile fuzz soak \
+.PHONY: install dataset container-tools browser serve test test-fast test-long lint bench profile \
+	profile-before-after fuzz soak \
 	models detector siamese stylizer transfer evaluate clean
 
 install: $(BIN)/.installed
@@ -114,6 +115,22 @@ $(WRK):
 
 profile: install $(WRK)
 	$(BIN)/python -m convserve.loadtest.profile --out docs/bench/profile --label now
+
+# An older commit (BEFORE, default the one before the serving core's restructuring) against the
+# checkout: the same profile at 64 users, each server pinned to one core, alternating three
+# times (a run's noise is larger than the difference), one table.
+BEFORE ?= 3c4d35d
+profile-before-after: install $(WRK)
+	rm -rf build/before build/before-site docs/bench/profile-core
+	git worktree add -f build/before $(BEFORE)
+	$(BIN)/python -m pip install --quiet --no-deps --target build/before-site build/before
+	git worktree remove --force build/before
+	for i in 1 2 3; do \
+	  $(BIN)/python -m convserve.loadtest.profile --out docs/bench/profile-core --users 64 \
+	    --label before-$$i --server-pythonpath $(CURDIR)/build/before-site --cwd /tmp && \
+	  $(BIN)/python -m convserve.loadtest.profile --out docs/bench/profile-core --users 64 \
+	    --label after-$$i || exit 1; \
+	done
 
 # The fuzz tests with 2,000 cases per operation and decoder (the default run uses 200).
 fuzz: install dataset

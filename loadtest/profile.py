@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     (out / f"profile-{result.label}.json").write_text(json.dumps(asdict(result), indent=2))
     profiles = [Profile(**json.loads(p.read_text())) for p in sorted(out.glob("profile-*.json"))]
-    profiles.sort(key=lambda p: p.label != "before")  # "before" first, then the others
+    profiles.sort(key=lambda p: (not p.label.startswith("before"), p.label))  # "before" first
     (out / "where-the-time-goes.md").write_text(table(profiles))
     print(table(profiles))
     return 0
