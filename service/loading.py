@@ -174,6 +174,32 @@ class ServedModel:
     batcher: Batcher
     outputs: list[OutputInfo]  # the runner's outputs, in order, as the OIP names them
     spec: ModelSpec  # the stored spec (a field, not a lookup: requests read it often)
+    active: int = 0  # requests that resolved it and are not answered yet (model control)
+
+
+def load_one(
+    tag: str,
+    settings: ServiceSettings,
+    metrics: ServiceMetrics | None,
+    tasks: Mapping[TaskName, Task],
+    clock: Clock | None = None,
+) -> ServedModel:
+    """The stored model `tag` opened, verified and given its task and its batcher."""
+    stored, model = open_model(tag, settings)
+    task = task_of(stored, tasks)
+    batcher = Batcher(
+        task.runner(model, stored.spec),
+        max_batch_size=task.max_batch(stored.spec),
+        max_latency_ms=settings.max_latency_ms,
+        max_queue_delay_ms=settings.max_queue_delay_ms,
+        max_queued_images=settings.max_queued_images,
+        timeout_s=settings.request_timeout_ms / 1000,
+        observer=metrics.observer(stored.tag) if metrics else None,
+        name=stored.tag,
+        clock=clock,
+    )
+    outputs = task.oip_outputs(stored.spec, model)
+    return ServedModel(stored, model, task, batcher, outputs, stored.spec)
 
 
 def load_models(
@@ -182,25 +208,8 @@ def load_models(
     tasks: Mapping[TaskName, Task],
     clock: Clock | None = None,
 ) -> list[ServedModel]:
-    """Every configured model opened, verified and given its task (from `tasks`, by the spec's
-    task name) and its batcher."""
-    models: list[ServedModel] = []
-    for tag in served_tags(settings):
-        stored, model = open_model(tag, settings)
-        task = task_of(stored, tasks)
-        batcher = Batcher(
-            task.runner(model, stored.spec),
-            max_batch_size=task.max_batch(stored.spec),
-            max_latency_ms=settings.max_latency_ms,
-            max_queue_delay_ms=settings.max_queue_delay_ms,
-            max_queued_images=settings.max_queued_images,
-            timeout_s=settings.request_timeout_ms / 1000,
-            observer=metrics.observer(stored.tag) if metrics else None,
-            name=stored.tag,
-            clock=clock,
-        )
-        outputs = task.oip_outputs(stored.spec, model)
-        models.append(ServedModel(stored, model, task, batcher, outputs, stored.spec))
+    """Every configured model opened, verified and given its task and its batcher."""
+    models = [load_one(tag, settings, metrics, tasks, clock) for tag in served_tags(settings)]
     _refuse_duplicates([m.stored.tag for m in models])
     return models
 

@@ -29,11 +29,13 @@ import bentoml
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from convserve.errors import ConvserveError, ErrorCode, InvalidInput, NotServed
+from convserve.errors import ConvserveError, ErrorCode
 from convserve.service.admission import CLOSE, Admission, BodyRefused, ClientGone
+from convserve.service.auth import Tokens
 from convserve.service.clock import Clock
+from convserve.service.control import Control, Models, shared_state
 from convserve.service.decoding import INLINE_BYTES, Decoder
-from convserve.service.loading import ServedModel, load_models, warm_up
+from convserve.service.loading import load_models, warm_up
 from convserve.service.messages import Request
 from convserve.service.metrics import ServiceMetrics, refused, service_metrics
 from convserve.service.protocols.base import INTERNAL, Operation, WireProtocol
@@ -48,73 +50,6 @@ from convserve.spec import TaskName
 
 log = logging.getLogger("convserve.server")
 _HEADER_LENGTH = HEADER_LENGTH.lower().encode()
-
-
-class Models:
-    """The served models: lookup by name, version and task. The first configured model is the
-    default, and the first of each task that task's default."""
-
-    def __init__(self, served: list[ServedModel]) -> None:
-        self.all = served
-        self.ready = False  # True once warmed up
-        self._by_name: dict[str, list[ServedModel]] = {}
-        for one in served:
-            self._by_name.setdefault(one.stored.name, []).append(one)
-
-    @property
-    def default(self) -> ServedModel:
-        return self.all[0]
-
-    def versions(self, name: str) -> list[str]:
-        return [m.stored.version for m in self._by_name.get(name, [])]
-
-    def get(
-        self, name: str | None = None, version: str | None = None, task: TaskName | None = None
-    ) -> ServedModel:
-        """The model a request asked for; `NotServed` when it is not served. Without a name,
-        the default model (the first served model of `task`, when a task is given)."""
-        if name is None:
-            if task is not None:
-                default = next((m for m in self.all if m.spec.task == task), None)
-                if default is None:
-                    raise NotServed(
-                        ErrorCode.MODEL_NOT_FOUND,
-                        f"no {task} model is served; GET /models lists the served ones",
-                    )
-                name = default.stored.name
-                if version is None:
-                    return default
-            elif version is None:
-                return self.default
-            else:
-                name = self.default.stored.name
-        served = self._named(name, version)
-        if task is not None and served.spec.task != task:
-            raise InvalidInput(
-                ErrorCode.WRONG_TASK,
-                f"model {name!r} is a {served.spec.task} model, not a {task} one; "
-                "GET /models lists each model's task",
-            )
-        return served
-
-    def _named(self, name: str, version: str | None) -> ServedModel:
-        candidates = self._by_name.get(name)
-        if not candidates:
-            raise NotServed(
-                ErrorCode.MODEL_NOT_FOUND,
-                f"model {name!r} is not served; GET /models lists the served ones",
-            )
-        if version is None:
-            return candidates[0]
-        if version == "latest":
-            return max(candidates, key=lambda m: m.stored.created)
-        for served in candidates:
-            if served.stored.version == version:
-                return served
-        raise NotServed(
-            ErrorCode.VERSION_NOT_FOUND,
-            f"version {version!r} of model {name!r} is not served; GET /models lists them",
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,12 +107,14 @@ class Server:
     settings: ServiceSettings
     tasks: dict[TaskName, Task]
     models: Models
+    control: Control
+    tokens: Tokens
     admission: Admission
     clock: Clock
     metrics: ServiceMetrics
     decoder: Decoder
     routes: Routes
-    _collector: asyncio.Task[None] | None = field(default=None, repr=False)
+    _follower: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
     def start(cls, settings: ServiceSettings) -> Server:
@@ -189,6 +126,7 @@ class Server:
         decoder = Decoder.create(settings)
         tasks = {task.name: task(decoder, settings) for task in TASKS}
         models = Models(load_models(settings, metrics, tasks, clock))
+        control = Control(settings, models, tasks, clock, metrics, shared_state())
         admission = Admission(
             max_body_bytes=settings.max_body_bytes,
             max_in_flight=settings.max_in_flight,
@@ -197,18 +135,27 @@ class Server:
             body_timeout_s=settings.body_timeout_s,
             clock=clock,
         )
-        routes = Routes(
-            [Oip(decoder, settings, models), Rest(list(tasks.values()), settings, models)]
-        )
-        server = cls(settings, tasks, models, admission, clock, metrics, decoder, routes)
+        protocols: list[WireProtocol] = [
+            Oip(decoder, settings, models, control),
+            Rest(list(tasks.values()), settings, models),
+        ]
+        tokens = Tokens.of(settings.api_token, settings.admin_token)
+        server = cls(
+            settings, tasks, models, control, tokens, admission, clock, metrics, decoder,
+            Routes(protocols),
+        )  # fmt: skip
         clock.on_tick = server._sample_gauges
         return server
 
     async def warm_up(self) -> None:
         await warm_up(self.models.all, self.settings)
         self.models.ready = True
+        # Another worker's model control, followed (control.py).
+        self._follower = asyncio.get_running_loop().create_task(self.control.follow())
 
     def shutdown(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
         self.clock.stop()
         for served in self.models.all:
             served.batcher.shutdown()
@@ -234,6 +181,11 @@ class Server:
             await _send_error(found.protocol, send, error, {"Allow": allow})
             return
         protocol = operation.protocol
+        try:  # before a byte of the body is read
+            self.tokens.check(operation.scope, _authorization(scope))
+        except ConvserveError as error:
+            await _send_error(protocol, send, error)
+            return
         body = b""
         if operation.admitted:
             try:
@@ -264,7 +216,14 @@ class Server:
                 if operation.resolves
                 else None
             )
-            answer = await operation.run(served, call)
+            if served is None:
+                answer = await operation.run(served, call)
+            else:  # counted, so that a reload or an unload waits for it (control.py)
+                served.active += 1
+                try:
+                    answer = await operation.run(served, call)
+                finally:
+                    served.active -= 1
             self.clock.clear(watch)
             await send_bytes(send, answer.status, answer.body, answer.headers, answer.media_type)
         except asyncio.CancelledError:
@@ -287,6 +246,13 @@ class Server:
             self.clock.clear(watch)
             if operation.admitted:
                 self.admission.leave(body)
+
+
+def _authorization(scope: Scope) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == b"authorization":
+            return value
+    return None
 
 
 def _headers(scope: Scope) -> tuple[str | None, str | None]:

@@ -58,6 +58,21 @@ class ServiceSettings(BaseSettings):
         description="model store tags to serve, comma-separated; the first is the default "
         "model. `*`: every model in the store, its latest version, in name order",
     )
+    api_token: str | None = Field(
+        default=None,
+        min_length=16,
+        repr=False,
+        description="when set, inference, metadata, the model listing and the page's API need "
+        "`Authorization: Bearer <it>` (probes stay open); at least 16 characters",
+    )
+    admin_token: str | None = Field(
+        default=None,
+        min_length=16,
+        repr=False,
+        description="when set, model control (the repository API: index, load, unload) is on "
+        "and needs `Authorization: Bearer <it>`; not an inference token. Unset: model control "
+        "is off (403)",
+    )
     workers: int = Field(
         default=1,
         ge=1,

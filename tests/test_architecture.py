@@ -35,7 +35,7 @@ def test_no_part_of_the_service_is_found_on_app_state_or_probed_for():
 def _served_operations() -> set[tuple[str, str]]:
     """(method, path template) of every operation the front door answers."""
     tasks = [task(None, None) for task in TASKS]  # type: ignore[arg-type] - routes need neither
-    protocols = [Oip(None, None, None), Rest(tasks, None, None)]  # type: ignore[arg-type] - ditto
+    protocols = [Oip(None, None, None, None), Rest(tasks, None, None)]  # type: ignore[arg-type] - ditto
     routes = Routes(protocols)  # type: ignore[arg-type] - ditto
     found = [*routes.exact.values(), *(f for _, f in routes.templates)]
     return {(method, f.template) for f in found for method in f.methods}
@@ -60,7 +60,7 @@ def test_every_served_operation_is_documented_and_every_documented_one_served():
 
 def test_each_operation_has_one_handler_for_both_of_its_paths():
     tasks = [task(None, None) for task in TASKS]  # type: ignore[arg-type] - routes need neither
-    oip = dict(Oip(None, None, None).operations())  # type: ignore[arg-type] - ditto
+    oip = dict(Oip(None, None, None, None).operations())  # type: ignore[arg-type] - ditto
     unversioned, versioned = "/v2/models/{name}", "/v2/models/{name}/versions/{version}"
     for tail in ("", "/ready", "/infer"):
         assert oip[unversioned + tail] is oip[versioned + tail]

@@ -231,3 +231,43 @@ def test_the_page_and_docs_reference_no_external_url(page_server):
     for path in ("/", "/api/docs"):
         html = httpx.get(page_server + path).text
         assert "http://" not in html and "https://" not in html, path
+
+
+TOKEN = "page-token-5d1e9a7c"
+
+
+@pytest.fixture(scope="module")
+def token_server(default_stored, bentoml_home, tmp_path_factory):
+    log = tmp_path_factory.mktemp("page-token") / "server.log"
+    proc, url = start_server(bentoml_home, log, models="fashion-lenet5:latest", api_token=TOKEN)
+    yield url
+    stop_server(proc)
+
+
+def test_the_page_asks_for_the_token_once_when_the_server_needs_one(
+    browser, token_server, fashion_test, tmp_path
+):
+    """The page loads without a token; the API's 401 makes it ask, once, and the answer
+    (kept for the tab) goes with every request after."""
+    boot = _png_file(tmp_path, "ankle-boot.png", fashion_test.images[0])
+    context = browser.new_context()
+    page = context.new_page()
+    asked: list[str] = []
+
+    def answer(dialog) -> None:
+        asked.append(dialog.message)
+        dialog.accept(TOKEN)
+
+    page.on("dialog", answer)
+    sent: dict[str, str | None] = {}  # the last request to each API path: its Authorization
+    page.on(
+        "request", lambda r: sent.update({urlparse(r.url).path: r.headers.get("authorization")})
+    )
+    page.goto(token_server + "/")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page.set_input_files("#files", [str(boot)])
+    page.wait_for_selector(".card")
+    assert page.locator(".card .bar").first.inner_text().startswith("Ankle boot")
+    assert len(asked) == 1 and "CONVSERVE_API_TOKEN" in asked[0]
+    assert sent["/classify"] == sent["/models"] == f"Bearer {TOKEN}"
+    context.close()

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from typing import Protocol as Structural
 
 from convserve.errors import ConvserveError, DeadlineExceeded, ErrorCode, Overloaded
+from convserve.service.auth import Scope
 from convserve.service.messages import Answer, Request
 from convserve.spec import TaskName
 
@@ -64,11 +65,15 @@ class Operation:
     resolves: bool = True  # the server resolves the call's model before `run`
     task: TaskName | None = None  # a model of this task (None: any)
     admitted: bool = True  # the body is read within the admission limits and takes a place
+    scope: Scope = Scope.INFERENCE  # whose token it needs (auth.py)
 
 
 def retry_headers(error: ConvserveError) -> dict[str, str]:
+    """The headers an error's answer carries: when to retry, or how to authenticate."""
     if isinstance(error, Overloaded | DeadlineExceeded):
         return {"Retry-After": str(error.retry_after_s)}
+    if error.code is ErrorCode.UNAUTHENTICATED:
+        return {"WWW-Authenticate": 'Bearer realm="convserve"'}
     return {}
 
 

@@ -58,7 +58,7 @@ from convserve.service.tensors import parse_dtype, parse_shape, read_npy, read_r
 from convserve.service.wire import decode_base64
 
 if TYPE_CHECKING:
-    from convserve.service.server import Models
+    from convserve.service.control import Models
 
 # Every code, and its REST status: a code missing here fails at import.
 STATUS: dict[ErrorCode, int] = {
@@ -85,6 +85,9 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_BASE64: 422,
     ErrorCode.INVALID_TENSOR: 422,
     ErrorCode.CONFLICTING_PARAMETERS: 422,
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.LOAD_FAILED: 422,
     ErrorCode.INTERNAL_ERROR: 500,
     ErrorCode.BUSY: 503,
     ErrorCode.TOO_MANY_UPLOADS: 503,
@@ -447,6 +450,9 @@ def documented_errors(*statuses: int, model: type = ErrorResponse) -> dict[int |
     """OpenAPI `responses` for these statuses, each with the error schema (`model`)."""
     text = {
         400: "an image is empty, truncated or corrupt; a malformed body",
+        401: "no token, or not this route's token, when the server has one "
+        "(CONVSERVE_API_TOKEN; model control: CONVSERVE_ADMIN_TOKEN)",
+        403: "model control is off (no CONVSERVE_ADMIN_TOKEN)",
         404: "unknown model or version",
         408: "the body did not arrive within the body timeout (the connection is closed)",
         413: "the body is over the size limit, or an image has too many pixels",
@@ -461,7 +467,7 @@ def documented_errors(*statuses: int, model: type = ErrorResponse) -> dict[int |
     return {s: {"model": model, "description": text[s]} for s in statuses}
 
 
-INFERENCE_ERRORS = documented_errors(400, 404, 408, 413, 415, 422, 503, 504)
+INFERENCE_ERRORS = documented_errors(400, 401, 404, 408, 413, 415, 422, 503, 504)
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 IMAGE_BODIES = {f"image/{kind}": BINARY for kind in ("png", "jpeg", "webp", "gif")}
 
@@ -568,7 +574,10 @@ def documentation(tasks: list[type[Task]]) -> APIRouter:
         response_model=ModelsResponse,
         summary="Served models and versions",
         operation_id="list_models",
-        responses={200: {"description": "every served model", "links": MODEL_LINKS}},
+        responses={
+            200: {"description": "every served model", "links": MODEL_LINKS},
+            **documented_errors(401),
+        },
     )
     return router
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from convserve import __version__
 from convserve.errors import ConvserveError, ErrorCode, InvalidInput
+from convserve.service.auth import Scope
 from convserve.service.decoding import Decoder, Upload
 from convserve.service.messages import Answer, Request, json_answer
 from convserve.service.protocols.base import (
@@ -30,6 +31,8 @@ from convserve.service.protocols.base import (
     WireProtocol,
     retry_headers,
 )
+from convserve.service.protocols.oip.repository import ModelControl, Repository
+from convserve.service.protocols.oip.repository import documentation as repository_docs
 from convserve.service.protocols.oip.types import (
     EXTENSIONS,
     HEADER_LENGTH,
@@ -49,8 +52,8 @@ from convserve.service.tasks.classify import top_k
 from convserve.service.tensors import to_model_input
 
 if TYPE_CHECKING:
+    from convserve.service.control import Models
     from convserve.service.loading import ServedModel
-    from convserve.service.server import Models
 
 PREFIX = "/v2"
 # A request carries one input: `input` (FP32 or UINT8 [N, C, H, W], or BYTES), or `image`
@@ -149,8 +152,10 @@ class Oip(WireProtocol):
     name = "Open Inference Protocol"
     prefix = PREFIX
 
-    def __init__(self, decoder: Decoder, settings: ServiceSettings, models: Models) -> None:
-        self.decoder, self.settings, self.models = decoder, settings, models
+    def __init__(
+        self, decoder: Decoder, settings: ServiceSettings, models: Models, control: ModelControl
+    ) -> None:
+        self.decoder, self.settings, self.models, self.control = decoder, settings, models, control
 
     @classmethod
     def render_error(cls, error: ConvserveError, request_id: str | None) -> WireError:
@@ -162,15 +167,17 @@ class Oip(WireProtocol):
         return WireError(status, json.dumps(body).encode(), retry_headers(error))
 
     def operations(self) -> list[tuple[str, Operation]]:
-        def get(run: Any, resolves: bool = True) -> Operation:
-            return Operation("GET", self, read_names, run, resolves=resolves, admitted=False)
+        def get(run: Any, resolves: bool = True, scope: Scope = Scope.INFERENCE) -> Operation:
+            return Operation(
+                "GET", self, read_names, run, resolves=resolves, admitted=False, scope=scope
+            )
 
         infer = Operation("POST", self, read_infer, self.infer)
         metadata, ready, config = get(self.metadata), get(self.ready), get(self.config)
         return [
             (PREFIX, get(self.server_metadata, resolves=False)),
-            (PREFIX + "/health/live", get(self.live, resolves=False)),
-            (PREFIX + "/health/ready", get(self.server_ready, resolves=False)),
+            (PREFIX + "/health/live", get(self.live, resolves=False, scope=Scope.OPEN)),
+            (PREFIX + "/health/ready", get(self.server_ready, resolves=False, scope=Scope.OPEN)),
             (MODEL, metadata),
             (VERSION, metadata),
             (MODEL + "/ready", ready),
@@ -178,6 +185,7 @@ class Oip(WireProtocol):
             (MODEL + "/config", config),
             (MODEL + "/infer", infer),
             (VERSION + "/infer", infer),
+            *Repository(self.control).operations(self),
         ]
 
     # --- inference ---------------------------------------------------------------------------
@@ -420,4 +428,5 @@ def documentation() -> APIRouter:
     async def infer_version(name: str, version: str) -> JSONResponse:
         raise AssertionError(never)
 
+    router.include_router(repository_docs(documented_errors(400, 401, 403, 404, model=OipError)))
     return router
