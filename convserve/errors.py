@@ -23,6 +23,7 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     BODY_TIMEOUT = "body_timeout"
+    HEADER_TIMEOUT = "header_timeout"
     BODY_TOO_LARGE = "body_too_large"
     IMAGE_TOO_LARGE = "image_too_large"
     TOO_MANY_PIXELS = "too_many_pixels"

@@ -33,7 +33,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from convserve import __version__
-from convserve.service import errors, heap
+from convserve.service import errors, heads, heap
 from convserve.service.drain import Drain
 from convserve.service.loading import StartupError, preflight
 from convserve.service.metrics import exposition
@@ -127,6 +127,8 @@ def _definition_settings() -> ServiceSettings:
 
 
 _defined = _definition_settings()
+# Slow request heads are closed by the worker's HTTP protocol, which uvicorn loads after this.
+heads.install(_defined.header_timeout_s, _defined.max_pending_heads)
 
 
 @bentoml.service(

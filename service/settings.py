@@ -73,6 +73,18 @@ class ServiceSettings(BaseSettings):
         "and needs `Authorization: Bearer <it>`; not an inference token. Unset: model control "
         "is off (403)",
     )
+    header_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="a request head (request line and headers) not complete this long after its "
+        "first byte is closed with 408",
+    )
+    max_pending_heads: int = Field(
+        default=1000,
+        ge=1,
+        description="connections per worker that may be sending a request head at once; past "
+        "it the oldest is closed (well under the 20,000 files a process may open)",
+    )
     workers: int = Field(
         default=1,
         ge=1,

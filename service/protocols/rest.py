@@ -72,6 +72,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.METHOD_NOT_ALLOWED: 405,
     ErrorCode.BODY_TIMEOUT: 408,
+    ErrorCode.HEADER_TIMEOUT: 408,
     ErrorCode.BODY_TOO_LARGE: 413,
     ErrorCode.IMAGE_TOO_LARGE: 413,
     ErrorCode.TOO_MANY_PIXELS: 413,
@@ -454,7 +455,7 @@ def documented_errors(*statuses: int, model: type = ErrorResponse) -> dict[int |
         "(CONVSERVE_API_TOKEN; model control: CONVSERVE_ADMIN_TOKEN)",
         403: "model control is off (no CONVSERVE_ADMIN_TOKEN)",
         404: "unknown model or version",
-        408: "the body did not arrive within the body timeout (the connection is closed)",
+        408: "the head or the body did not arrive within its timeout (the connection is closed)",
         413: "the body is over the size limit, or an image has too many pixels",
         415: "an image is not PNG, JPEG, WebP or GIF; an unsupported body type",
         422: "invalid parameters, images too small or too elongated, too many images, "
