@@ -195,3 +195,38 @@ def test_the_token_rules(tokens, scope, sent, code):
             tokens.check(scope, sent)
         assert err.value.code == code
     assert "tok-" not in repr(tokens)  # never in a log line
+
+
+@pytest.fixture(scope="module")
+def two_workers(bentoml_home, versions, quick_stored, tmp_path_factory):
+    first, _ = versions
+    log = tmp_path_factory.mktemp("ctl-workers") / "server.log"
+    models = f"{first.tag},{quick_stored[1].tag}"
+    proc, url = start_server(bentoml_home, log, models=models, workers="2", admin_token=ADMIN)
+    yield url, log
+    stop_server(proc)
+
+
+def _agreed(url: str, path: str, status: int, timeout: float = 10.0) -> float:
+    """Seconds until 30 answers in a row, each on a new connection (so spread over the
+    workers), have `status`."""
+    started = time.monotonic()
+    streak = 0
+    while streak < 30:
+        assert time.monotonic() - started < timeout, f"workers did not agree on {status}"
+        streak = streak + 1 if httpx.get(url + path).status_code == status else 0
+    return time.monotonic() - started
+
+
+def test_every_worker_applies_a_load_and_an_unload(two_workers, versions):
+    url, log = two_workers
+    first, second = versions
+    path = f"/v2/models/{NAME}/versions/{{}}/ready"
+    client, admin = triton(url, ADMIN)
+    client.unload_model(NAME, headers=admin)
+    unloaded = _agreed(url, path.format(first.version), 404)
+    assert _load(url, second.version).status_code == 200
+    loaded = _agreed(url, path.format(second.version), 200)
+    print(f"two workers agreed {unloaded:.2f} s after an unload, {loaded:.2f} s after a load")
+    text = log.read_text()
+    assert text.count(f"loaded {second.tag}") == 2 and text.count(f"unloaded {NAME}") == 2
