@@ -230,3 +230,22 @@ def test_every_worker_applies_a_load_and_an_unload(two_workers, versions):
     print(f"two workers agreed {unloaded:.2f} s after an unload, {loaded:.2f} s after a load")
     text = log.read_text()
     assert text.count(f"loaded {second.tag}") == 2 and text.count(f"unloaded {NAME}") == 2
+
+
+def test_tokens_are_read_when_the_worker_starts_not_at_import(quick_stored):
+    """The service module is imported before the token is set (LitServe's key, read at import,
+    left auth silently off): the worker built afterwards still asks for it. Without an admin
+    token, model control answers 403 saying how to turn it on."""
+    from starlette.testclient import TestClient
+
+    from convserve.service.app import Classifier  # imported first, no token in sight
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONVSERVE_MODELS", quick_stored[1].tag)
+        mp.setenv("CONVSERVE_WARMUP_REQUESTS", "1")
+        mp.setenv("CONVSERVE_API_TOKEN", API)
+        with TestClient(Classifier.to_asgi()) as client:
+            assert client.get("/models").status_code == 401
+            assert client.get("/models", headers=bearer(API)).status_code == 200
+            off = client.post("/v2/repository/index", headers=bearer(API))
+            assert off.status_code == 403 and "CONVSERVE_ADMIN_TOKEN" in off.json()["error"]

@@ -428,5 +428,7 @@ def documentation() -> APIRouter:
     async def infer_version(name: str, version: str) -> JSONResponse:
         raise AssertionError(never)
 
-    router.include_router(repository_docs(documented_errors(400, 401, 403, 404, model=OipError)))
+    router.routes.extend(
+        repository_docs(documented_errors(400, 401, 403, 404, model=OipError)).routes
+    )
     return router
