@@ -84,8 +84,9 @@ class ServiceMetrics:
         )
         self.client_gone = prom.Counter(
             "convserve_client_gone_requests_total",
-            "inference requests whose client hung up before the answer; their images were "
-            "dropped before inference (see convserve_dropped_images_total)",
+            "requests whose client hung up before the answer, while sending its body or while "
+            "it was handled; their images were dropped before inference (see "
+            "convserve_dropped_images_total)",
         )
 
     def observer(self, tag: str) -> BatchMetrics:

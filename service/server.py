@@ -190,7 +190,8 @@ class Server:
         if operation.admitted:
             try:
                 body = await self.admission.admit(scope, receive)
-            except ClientGone:
+            except ClientGone:  # while it was still sending its body: nothing to answer
+                self.metrics.client_gone.inc()
                 return
             except BodyRefused as refusal:
                 await _send_error(protocol, send, refusal.error, CLOSE if refusal.close else None)
