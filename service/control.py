@@ -27,14 +27,18 @@ from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from convserve.errors import ConvserveError, ErrorCode, InvalidInput, NotServed
+from convserve.errors import ConvserveError, ErrorCode
 from convserve.service.clock import Clock
 from convserve.service.loading import ServedModel, StartupError, load_one, warm_up
 from convserve.service.metrics import ServiceMetrics
 from convserve.service.settings import ServiceSettings
 from convserve.service.tasks.base import Task
 from convserve.spec import TaskName
+
+if TYPE_CHECKING:
+    from convserve.service.server import Models
 from convserve.store import StoreError, list_versions, stored_names
 
 log = logging.getLogger("convserve.control")
@@ -54,104 +58,6 @@ def rss_bytes() -> int:
     """This process's resident memory (Linux)."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-@dataclass
-class Models:
-    """The served models: lookup by name, version and task. The first configured model is the
-    default, and the first of each task that task's default. Changed only by swapping in a new
-    list (`_set`), so a lookup never sees half a change."""
-
-    all: list[ServedModel]
-    ready: bool = False  # True once warmed up
-    _by_name: dict[str, list[ServedModel]] = field(default_factory=dict[str, list[ServedModel]])
-
-    def __post_init__(self) -> None:
-        self._set(self.all)
-
-    def _set(self, served: list[ServedModel]) -> None:
-        by_name: dict[str, list[ServedModel]] = {}
-        for one in served:
-            by_name.setdefault(one.stored.name, []).append(one)
-        self.all, self._by_name = served, by_name
-
-    @property
-    def default(self) -> ServedModel:
-        return self.all[0]
-
-    def versions(self, name: str) -> list[str]:
-        return [m.stored.version for m in self._by_name.get(name, [])]
-
-    def get(
-        self, name: str | None = None, version: str | None = None, task: TaskName | None = None
-    ) -> ServedModel:
-        """The model a request asked for; `NotServed` when it is not served. Without a name,
-        the default model (the first served model of `task`, when a task is given)."""
-        if name is None:
-            if task is not None:
-                default = next((m for m in self.all if m.spec.task == task), None)
-                if default is None:
-                    raise NotServed(
-                        ErrorCode.MODEL_NOT_FOUND,
-                        f"no {task} model is served; GET /models lists the served ones",
-                    )
-                name = default.stored.name
-                if version is None:
-                    return default
-            elif version is None:
-                return self.default
-            else:
-                name = self.default.stored.name
-        served = self._named(name, version)
-        if task is not None and served.spec.task != task:
-            raise InvalidInput(
-                ErrorCode.WRONG_TASK,
-                f"model {name!r} is a {served.spec.task} model, not a {task} one; "
-                "GET /models lists each model's task",
-            )
-        return served
-
-    def _named(self, name: str, version: str | None) -> ServedModel:
-        candidates = self._by_name.get(name)
-        if not candidates:
-            raise NotServed(
-                ErrorCode.MODEL_NOT_FOUND,
-                f"model {name!r} is not served; GET /models lists the served ones",
-            )
-        if version is None:
-            return candidates[0]
-        if version == "latest":
-            return max(candidates, key=lambda m: m.stored.created)
-        for served in candidates:
-            if served.stored.version == version:
-                return served
-        raise NotServed(
-            ErrorCode.VERSION_NOT_FOUND,
-            f"version {version!r} of model {name!r} is not served; GET /models lists them",
-        )
-
-    def replace(self, served: ServedModel) -> list[ServedModel]:
-        """`served` in place of every served version of its name (where the first of them
-        was, or last); the versions it replaced."""
-        name = served.stored.name
-        old = self._by_name.get(name, [])
-        models = [m for m in self.all if m.stored.name != name]
-        at = self.all.index(old[0]) if old else len(self.all)
-        models.insert(min(at, len(models)), served)
-        self._set(models)
-        return old
-
-    def remove(self, name: str) -> list[ServedModel]:
-        old = self._by_name.get(name, [])
-        if not old:
-            raise NotServed(ErrorCode.MODEL_NOT_FOUND, f"model {name!r} is not served")
-        if len(old) == len(self.all):
-            raise InvalidInput(
-                ErrorCode.INVALID_REQUEST,
-                f"{name!r} is the only model served; load another before unloading it",
-            )
-        self._set([m for m in self.all if m.stored.name != name])
-        return old
 
 
 @dataclass

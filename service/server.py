@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import logging
 import os
 import re
@@ -29,16 +30,15 @@ import bentoml
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from convserve.errors import ConvserveError, ErrorCode
+from convserve.errors import ConvserveError, ErrorCode, InvalidInput, NotServed
 from convserve.service.admission import CLOSE, Admission, BodyRefused, ClientGone
-from convserve.service.auth import Tokens
 from convserve.service.clock import Clock
-from convserve.service.control import Control, Models, shared_state
+from convserve.service.control import Control, shared_state
 from convserve.service.decoding import INLINE_BYTES, Decoder
-from convserve.service.loading import load_models, warm_up
+from convserve.service.loading import ServedModel, load_models, warm_up
 from convserve.service.messages import Request
 from convserve.service.metrics import ServiceMetrics, refused, service_metrics
-from convserve.service.protocols.base import INTERNAL, Operation, WireProtocol
+from convserve.service.protocols.base import INTERNAL, Access, Operation, WireProtocol
 from convserve.service.protocols.oip.http import Oip
 from convserve.service.protocols.oip.types import HEADER_LENGTH
 from convserve.service.protocols.rest import Rest
@@ -50,6 +50,161 @@ from convserve.spec import TaskName
 
 log = logging.getLogger("convserve.server")
 _HEADER_LENGTH = HEADER_LENGTH.lower().encode()
+
+
+# --- tokens ------------------------------------------------------------------------------------
+# Two scopes, two tokens (docs/security.md), read when the worker builds its server, never at
+# import: CONVSERVE_API_TOKEN for inference, metadata, the model listing and the page's API;
+# CONVSERVE_ADMIN_TOKEN for model control only (not an inference token). Probes stay open.
+# Compared in constant time; never logged or echoed.
+
+BEARER = b"bearer "
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Tokens:
+    inference: bytes | None = None
+    admin: bytes | None = None
+
+    def __repr__(self) -> str:  # whether each is set, never its value: a repr may reach a log
+        def state(token: bytes | None) -> str:
+            return "set" if token else "unset"
+
+        return f"Tokens(inference={state(self.inference)}, admin={state(self.admin)})"
+
+    @classmethod
+    def of(cls, inference: str | None, admin: str | None) -> Tokens:
+        return cls(inference.encode() if inference else None, admin.encode() if admin else None)
+
+    def check(self, access: Access, authorization: bytes | None) -> None:
+        """Nothing when a request of `access` with this Authorization header may proceed;
+        `ConvserveError` (401 or 403) when it may not."""
+        if access is Access.OPEN:
+            return
+        if access is Access.ADMIN and self.admin is None:
+            raise ConvserveError(
+                ErrorCode.FORBIDDEN,
+                "model control is off: start the server with CONVSERVE_ADMIN_TOKEN set to "
+                "enable the repository API",
+            )
+        expected = self.admin if access is Access.ADMIN else self.inference
+        if expected is None:
+            return
+        sent = _bearer(authorization)
+        if sent is None:
+            raise ConvserveError(
+                ErrorCode.UNAUTHENTICATED, f"this route needs the {access} token: send "
+                "`Authorization: Bearer <token>`"
+            )  # fmt: skip
+        if not hmac.compare_digest(sent, expected):
+            raise ConvserveError(ErrorCode.UNAUTHENTICATED, f"not the {access} token")
+
+
+def _bearer(authorization: bytes | None) -> bytes | None:
+    if authorization is None or authorization[:7].lower() != BEARER:
+        return None
+    return authorization[7:].strip() or None
+
+
+# --- the models -------------------------------------------------------------------------------
+
+
+@dataclass
+class Models:
+    """The served models: lookup by name, version and task. The first configured model is the
+    default, and the first of each task that task's default. Changed only by swapping in a new
+    list (`_set`), so a lookup never sees half a change."""
+
+    all: list[ServedModel]
+    ready: bool = False  # True once warmed up
+    _by_name: dict[str, list[ServedModel]] = field(default_factory=dict[str, list[ServedModel]])
+
+    def __post_init__(self) -> None:
+        self._set(self.all)
+
+    def _set(self, served: list[ServedModel]) -> None:
+        by_name: dict[str, list[ServedModel]] = {}
+        for one in served:
+            by_name.setdefault(one.stored.name, []).append(one)
+        self.all, self._by_name = served, by_name
+
+    @property
+    def default(self) -> ServedModel:
+        return self.all[0]
+
+    def versions(self, name: str) -> list[str]:
+        return [m.stored.version for m in self._by_name.get(name, [])]
+
+    def get(
+        self, name: str | None = None, version: str | None = None, task: TaskName | None = None
+    ) -> ServedModel:
+        """The model a request asked for; `NotServed` when it is not served. Without a name,
+        the default model (the first served model of `task`, when a task is given)."""
+        if name is None:
+            if task is not None:
+                default = next((m for m in self.all if m.spec.task == task), None)
+                if default is None:
+                    raise NotServed(
+                        ErrorCode.MODEL_NOT_FOUND,
+                        f"no {task} model is served; GET /models lists the served ones",
+                    )
+                name = default.stored.name
+                if version is None:
+                    return default
+            elif version is None:
+                return self.default
+            else:
+                name = self.default.stored.name
+        served = self._named(name, version)
+        if task is not None and served.spec.task != task:
+            raise InvalidInput(
+                ErrorCode.WRONG_TASK,
+                f"model {name!r} is a {served.spec.task} model, not a {task} one; "
+                "GET /models lists each model's task",
+            )
+        return served
+
+    def _named(self, name: str, version: str | None) -> ServedModel:
+        candidates = self._by_name.get(name)
+        if not candidates:
+            raise NotServed(
+                ErrorCode.MODEL_NOT_FOUND,
+                f"model {name!r} is not served; GET /models lists the served ones",
+            )
+        if version is None:
+            return candidates[0]
+        if version == "latest":
+            return max(candidates, key=lambda m: m.stored.created)
+        for served in candidates:
+            if served.stored.version == version:
+                return served
+        raise NotServed(
+            ErrorCode.VERSION_NOT_FOUND,
+            f"version {version!r} of model {name!r} is not served; GET /models lists them",
+        )
+
+    def replace(self, served: ServedModel) -> list[ServedModel]:
+        """`served` in place of every served version of its name (where the first of them
+        was, or last); the versions it replaced."""
+        name = served.stored.name
+        old = self._by_name.get(name, [])
+        models = [m for m in self.all if m.stored.name != name]
+        at = self.all.index(old[0]) if old else len(self.all)
+        models.insert(min(at, len(models)), served)
+        self._set(models)
+        return old
+
+    def remove(self, name: str) -> list[ServedModel]:
+        old = self._by_name.get(name, [])
+        if not old:
+            raise NotServed(ErrorCode.MODEL_NOT_FOUND, f"model {name!r} is not served")
+        if len(old) == len(self.all):
+            raise InvalidInput(
+                ErrorCode.INVALID_REQUEST,
+                f"{name!r} is the only model served; load another before unloading it",
+            )
+        self._set([m for m in self.all if m.stored.name != name])
+        return old
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +337,7 @@ class Server:
             return
         protocol = operation.protocol
         try:  # before a byte of the body is read
-            self.tokens.check(operation.scope, _authorization(scope))
+            self.tokens.check(operation.access, _authorization(scope))
         except ConvserveError as error:
             await _send_error(protocol, send, error)
             return

@@ -16,7 +16,8 @@ from PIL import Image
 from serving import start_server, stop_server
 
 from convserve.errors import ConvserveError
-from convserve.service.auth import Scope, Tokens
+from convserve.service.protocols.base import Access
+from convserve.service.server import Tokens
 
 API, ADMIN = "inference-7f3a0c11", "admin-91bc44-d2e7a9"
 NAME = "ctl-lenet5"
@@ -175,16 +176,16 @@ def test_uploads_and_urls_are_never_loaded(server):
 @pytest.mark.parametrize(
     ("tokens", "scope", "sent", "code"),
     [
-        (Tokens.of(None, None), Scope.INFERENCE, None, None),
-        (Tokens.of("tok-a", None), Scope.INFERENCE, b"Bearer tok-a", None),
-        (Tokens.of("tok-a", None), Scope.INFERENCE, b"bearer  tok-a ", None),
-        (Tokens.of("tok-a", None), Scope.INFERENCE, None, "unauthenticated"),
-        (Tokens.of("tok-a", None), Scope.INFERENCE, b"Basic dG9rLWE=", "unauthenticated"),
-        (Tokens.of("tok-a", "tok-b"), Scope.INFERENCE, b"Bearer tok-b", "unauthenticated"),
-        (Tokens.of("tok-a", "tok-b"), Scope.ADMIN, b"Bearer tok-a", "unauthenticated"),
-        (Tokens.of("tok-a", "tok-b"), Scope.ADMIN, b"Bearer tok-b", None),
-        (Tokens.of("tok-a", None), Scope.ADMIN, b"Bearer tok-a", "forbidden"),
-        (Tokens.of("tok-a", "tok-b"), Scope.OPEN, None, None),
+        (Tokens.of(None, None), Access.INFERENCE, None, None),
+        (Tokens.of("tok-a", None), Access.INFERENCE, b"Bearer tok-a", None),
+        (Tokens.of("tok-a", None), Access.INFERENCE, b"bearer  tok-a ", None),
+        (Tokens.of("tok-a", None), Access.INFERENCE, None, "unauthenticated"),
+        (Tokens.of("tok-a", None), Access.INFERENCE, b"Basic dG9rLWE=", "unauthenticated"),
+        (Tokens.of("tok-a", "tok-b"), Access.INFERENCE, b"Bearer tok-b", "unauthenticated"),
+        (Tokens.of("tok-a", "tok-b"), Access.ADMIN, b"Bearer tok-a", "unauthenticated"),
+        (Tokens.of("tok-a", "tok-b"), Access.ADMIN, b"Bearer tok-b", None),
+        (Tokens.of("tok-a", None), Access.ADMIN, b"Bearer tok-a", "forbidden"),
+        (Tokens.of("tok-a", "tok-b"), Access.OPEN, None, None),
     ],
 )
 def test_the_token_rules(tokens, scope, sent, code):

@@ -13,11 +13,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, ClassVar
 from typing import Protocol as Structural
 
 from convserve.errors import ConvserveError, DeadlineExceeded, ErrorCode, Overloaded
-from convserve.service.auth import Scope
 from convserve.service.messages import Answer, Request
 from convserve.spec import TaskName
 
@@ -49,6 +49,14 @@ class Named:
 
 # Reading is plain CPU work on the request's bytes: the server runs it inline, or on a decode
 # thread when the body is large.
+class Access(StrEnum):
+    """Whose token an operation needs (the server checks it)."""
+
+    OPEN = "open"  # probes
+    INFERENCE = "inference"
+    ADMIN = "admin"  # model control
+
+
 Read = Callable[[Request], Any]
 Run = Callable[[Any, Any], Awaitable[Answer]]  # (the served model or None, the call) -> answer
 
@@ -65,7 +73,7 @@ class Operation:
     resolves: bool = True  # the server resolves the call's model before `run`
     task: TaskName | None = None  # a model of this task (None: any)
     admitted: bool = True  # the body is read within the admission limits and takes a place
-    scope: Scope = Scope.INFERENCE  # whose token it needs (auth.py)
+    access: Access = Access.INFERENCE  # whose token it needs (server.Tokens)
 
 
 def retry_headers(error: ConvserveError) -> dict[str, str]:

@@ -21,10 +21,10 @@ from pydantic import BaseModel
 
 from convserve import __version__
 from convserve.errors import ConvserveError, ErrorCode, InvalidInput
-from convserve.service.auth import Scope
 from convserve.service.decoding import Decoder, Upload
 from convserve.service.messages import Answer, Request, json_answer
 from convserve.service.protocols.base import (
+    Access,
     Named,
     Operation,
     WireError,
@@ -167,17 +167,17 @@ class Oip(WireProtocol):
         return WireError(status, json.dumps(body).encode(), retry_headers(error))
 
     def operations(self) -> list[tuple[str, Operation]]:
-        def get(run: Any, resolves: bool = True, scope: Scope = Scope.INFERENCE) -> Operation:
+        def get(run: Any, resolves: bool = True, access: Access = Access.INFERENCE) -> Operation:
             return Operation(
-                "GET", self, read_names, run, resolves=resolves, admitted=False, scope=scope
+                "GET", self, read_names, run, resolves=resolves, admitted=False, access=access
             )
 
         infer = Operation("POST", self, read_infer, self.infer)
         metadata, ready, config = get(self.metadata), get(self.ready), get(self.config)
         return [
             (PREFIX, get(self.server_metadata, resolves=False)),
-            (PREFIX + "/health/live", get(self.live, resolves=False, scope=Scope.OPEN)),
-            (PREFIX + "/health/ready", get(self.server_ready, resolves=False, scope=Scope.OPEN)),
+            (PREFIX + "/health/live", get(self.live, resolves=False, access=Access.OPEN)),
+            (PREFIX + "/health/ready", get(self.server_ready, resolves=False, access=Access.OPEN)),
             (MODEL, metadata),
             (VERSION, metadata),
             (MODEL + "/ready", ready),

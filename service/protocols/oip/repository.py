@@ -6,7 +6,7 @@
                                               `parameters.version` names)
     POST /v2/repository/models/{name}/unload  stop serving it
 
-Admin scope only (`auth.py`). The repository is the local model store: nothing is fetched
+Admin token only (`server.Tokens`). The repository is the local model store: nothing is fetched
 from a URL or uploaded through the API (a `config` or `file:` parameter is refused); what
 enters the store enters through `convserve export` or `convserve import` on the machine. The
 loading itself (verify, warm up, swap, drain) is the server's (`ModelControl`).
@@ -21,9 +21,8 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from convserve.errors import ErrorCode, InvalidInput
-from convserve.service.auth import Scope
 from convserve.service.messages import Answer, Request, json_answer
-from convserve.service.protocols.base import Named, Operation, WireProtocol
+from convserve.service.protocols.base import Access, Named, Operation, WireProtocol
 from convserve.service.protocols.oip.types import bad_request
 
 PREFIX = "/v2/repository"
@@ -79,7 +78,7 @@ class Repository:
 
     def operations(self, protocol: WireProtocol) -> list[tuple[str, Operation]]:
         def admin(read: Any, run: Any) -> Operation:
-            return Operation("POST", protocol, read, run, resolves=False, scope=Scope.ADMIN)
+            return Operation("POST", protocol, read, run, resolves=False, access=Access.ADMIN)
 
         return [
             (PREFIX + "/index", admin(read_nothing, self.index)),
