@@ -50,7 +50,10 @@ def shared_state() -> Path:
     """The wanted-state file of this `bentoml serve`'s workers: named after their parent
     process and its start time, so a later server reusing the process id starts afresh."""
     parent = os.getppid()
-    started = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    try:
+        started = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except OSError:  # no /proc (not Linux): the process id alone
+        started = "0"
     return Path(tempfile.gettempdir()) / f"convserve-control-{parent}-{started}.json"
 
 
