@@ -27,6 +27,7 @@ import uvicorn.config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from convserve.errors import ErrorCode
+from convserve.service.metrics import service_metrics
 
 log = logging.getLogger("convserve.heads")
 _BODY = (
@@ -65,6 +66,7 @@ class Heads:
     def expire(self, connection: GuardedHttpTools) -> None:
         self.done(connection)
         self.closed += 1
+        service_metrics().heads_closed.inc()
         transport = connection.transport
         if not transport.is_closing():
             transport.write(TIMED_OUT)

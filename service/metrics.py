@@ -82,6 +82,11 @@ class ServiceMetrics:
             "inference requests admitted and not yet answered (sampled ten times a second)",
             multiprocess_mode="livesum",
         )
+        self.heads_closed = prom.Counter(
+            "convserve_heads_closed_total",
+            "connections closed while still sending their request head: past the head "
+            "deadline, or the oldest past the cap on heads in progress",
+        )
         self.client_gone = prom.Counter(
             "convserve_client_gone_requests_total",
             "requests whose client hung up before the answer, while sending its body or while "

@@ -92,3 +92,6 @@ def test_slow_request_heads_are_capped_and_closed_while_normal_requests_are_answ
     assert max(closed) - first < 3.0 + 3.0  # every head gone by its deadline (and a tick)
     timed_out = [a for a in answers if a.startswith(b"HTTP/1.1 408")]
     assert timed_out and all(b'"header_timeout"' in a for a in timed_out)
+    exposed = httpx.get(f"{head_server}/metrics").text
+    closed = float(exposed.split("\nconvserve_heads_closed_total ")[1].split()[0])
+    assert closed >= 600 - 100 - 10  # every head past the cap, and those that timed out
