@@ -336,8 +336,9 @@ class Server:
             await _send_error(found.protocol, send, error, {"Allow": allow})
             return
         protocol = operation.protocol
+        content_type, header_length, authorization = _headers(scope)
         try:  # before a byte of the body is read
-            self.tokens.check(operation.access, _authorization(scope))
+            self.tokens.check(operation.access, authorization)
         except ConvserveError as error:
             await _send_error(protocol, send, error)
             return
@@ -358,7 +359,6 @@ class Server:
         # ready, so from there a disconnect changes nothing.
         watch = self.clock.watch(receive) if operation.admitted else None
         try:
-            content_type, header_length = _headers(scope)
             request = Request(
                 scope["query_string"], content_type, body, header_length, found.params
             )
@@ -404,22 +404,19 @@ class Server:
                 self.admission.leave(body)
 
 
-def _authorization(scope: Scope) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key == b"authorization":
-            return value
-    return None
-
-
-def _headers(scope: Scope) -> tuple[str | None, str | None]:
-    """Content-Type and Inference-Header-Content-Length, in one pass over the headers."""
+def _headers(scope: Scope) -> tuple[str | None, str | None, bytes | None]:
+    """Content-Type, Inference-Header-Content-Length and Authorization, in one pass over the
+    headers."""
     content_type = header_length = None
+    authorization = None
     for key, value in scope["headers"]:
         if key == b"content-type":
             content_type = value.decode("latin-1")
         elif key == _HEADER_LENGTH:
             header_length = value.decode("latin-1")
-    return content_type, header_length
+        elif key == b"authorization" and authorization is None:  # the first, as sent
+            authorization = value
+    return content_type, header_length, authorization
 
 
 async def _send_error(
