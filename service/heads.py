@@ -46,7 +46,6 @@ class Heads:
     def __init__(self, timeout_s: float, most: int) -> None:
         self.timeout_s, self.most = timeout_s, most
         self.pending: dict[GuardedHttpTools, asyncio.TimerHandle] = {}
-        self.closed = 0  # heads closed: too slow, or the oldest past the cap
 
     def start(self, connection: GuardedHttpTools) -> None:
         if connection in self.pending:
@@ -65,7 +64,6 @@ class Heads:
 
     def expire(self, connection: GuardedHttpTools) -> None:
         self.done(connection)
-        self.closed += 1
         service_metrics().heads_closed.inc()
         transport = connection.transport
         if not transport.is_closing():
