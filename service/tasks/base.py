@@ -53,11 +53,10 @@ P = TypeVar("P", bound=ModelParams)
 
 
 @dataclass(frozen=True, slots=True)
-class ImagesCall(Generic[P]):
-    """A REST request read: its parameters and its images, in the order sent."""
+class RestCall(Generic[P]):
+    """A REST request read: its parameters, which name the model that answers."""
 
     params: P
-    uploads: list[Upload]
 
     @property
     def model(self) -> str | None:
@@ -69,19 +68,17 @@ class ImagesCall(Generic[P]):
 
 
 @dataclass(frozen=True, slots=True)
-class TensorCall(Generic[P]):
-    """A REST request of preprocessed tensors: N x C x H x W (or the model's layout)."""
+class ImagesCall(RestCall[P]):
+    """Its images, in the order sent."""
 
-    params: P
+    uploads: list[Upload]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorCall(RestCall[P]):
+    """Its preprocessed tensors: N x C x H x W (or the model's layout)."""
+
     array: np.ndarray
-
-    @property
-    def model(self) -> str | None:
-        return self.params.model
-
-    @property
-    def version(self) -> str | None:
-        return self.params.version
 
 
 @dataclass(frozen=True)
