@@ -403,6 +403,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             if name in RECIPES:
                 prepare(name, args.data_dir)
     env = {**os.environ, "CONVSERVE_MODELS": args.models}
+    # The gRPC port listens where HTTP does (a loopback server stays loopback on both).
+    env.setdefault("CONVSERVE_GRPC_HOST", args.host)
     cmd = [
         sys.executable,
         "-m",

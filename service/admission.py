@@ -196,6 +196,23 @@ class Admission:
         self.in_flight -= 1
         self.held_bytes -= len(body)
 
+    def admit_message(self, nbytes: int) -> None:
+        """A message already received whole (gRPC reads it, within `max_body_bytes`, before
+        the call starts): its bytes held and an in-flight place taken, or `Overloaded`
+        (503 `busy`); pair with `leave_message(nbytes)`."""
+        if not self._can_hold(nbytes):
+            message = f"{self.held_bytes} bytes of requests are held; retry shortly"
+            raise Overloaded(ErrorCode.BUSY, message)
+        try:
+            self.enter()
+        except ConvserveError:
+            self.held_bytes -= nbytes
+            raise
+
+    def leave_message(self, nbytes: int) -> None:
+        self.in_flight -= 1
+        self.held_bytes -= nbytes
+
     async def admit(self, scope: Scope, receive: Receive) -> bytes:
         """The body, with an in-flight place taken (pair with `leave(body)`). `ClientGone` when
         its client hung up, `BodyRefused` when a body limit refused it (`close`: the connection

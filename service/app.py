@@ -34,7 +34,6 @@ from starlette.types import Receive, Scope, Send
 
 from convserve import __version__
 from convserve.service import errors, heads, heap
-from convserve.service.drain import Drain
 from convserve.service.loading import StartupError, preflight
 from convserve.service.metrics import exposition
 from convserve.service.protocols import rest
@@ -168,7 +167,6 @@ class Classifier:
         except StartupError as exc:
             raise SystemExit(f"convserve cannot start: {exc}") from None
         self.settings = settings
-        self.drain = Drain(settings.drain_s)
         self._collector: asyncio.Task[None] | None = None
         for served in self.server.models.all:
             log.info(
@@ -184,7 +182,7 @@ class Classifier:
     @bentoml.on_startup
     async def warm_up(self) -> None:
         await self.server.warm_up()
-        self.drain.install(asyncio.get_running_loop())
+        self.server.drain.install(asyncio.get_running_loop())
         heap.freeze()  # models, sessions and the app live as long as the process
         if self.settings.gc_full_interval_s > 0:  # else Python's automatic collection
             self._collector = asyncio.get_running_loop().create_task(
@@ -198,10 +196,11 @@ class Classifier:
 
     async def __is_ready__(self) -> bool:
         # async: answered on the event loop, never queued behind the thread pool.
-        return self.server.models.ready and not self.drain.draining
+        return self.server.ready
 
     @bentoml.on_shutdown
-    def stop_batchers(self) -> None:
+    async def stop_batchers(self) -> None:
+        await self.server.stop_grpc()
         if self._collector is not None:
             self._collector.cancel()
             gc.enable()  # at once: the loop may stop before the cancelled task runs again

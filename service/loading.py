@@ -25,7 +25,7 @@ from convserve.service.batching import Batcher
 from convserve.service.clock import Clock
 from convserve.service.metrics import ServiceMetrics
 from convserve.service.settings import ALL_MODELS, ServiceSettings
-from convserve.service.tasks.base import OutputInfo, Task
+from convserve.service.tasks.base import Task, TensorInfo
 from convserve.spec import ONNX_METADATA_KEY, ModelSpec, TaskName
 from convserve.store import (
     KnownAnswer,
@@ -172,7 +172,7 @@ class ServedModel:
     model: OnnxModel
     task: Task
     batcher: Batcher
-    outputs: list[OutputInfo]  # the runner's outputs, in order, as the OIP names them
+    outputs: list[TensorInfo]  # the runner's outputs, in order, as the OIP names them
     spec: ModelSpec  # the stored spec (a field, not a lookup: requests read it often)
     active: int = 0  # requests that resolved it and are not answered yet (model control)
 

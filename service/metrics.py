@@ -1,8 +1,10 @@
 """Prometheus metrics: convserve's own, on /metrics, every label from a bounded set.
 
 Requests are labelled by route template (`/v2/models/{name}/infer`, or `unmatched`), never by
-raw path, so junk URLs cannot grow the output. Batching is measured where it happens: images
-per ONNX Runtime call, time in the queue, time of the call, images dropped before it.
+raw path, so junk URLs cannot grow the output; gRPC calls by method (the service's own, a fixed
+set: gRPC itself answers any other with UNIMPLEMENTED) and status code. Batching is measured
+where it happens: images per ONNX Runtime call, time in the queue, time of the call, images
+dropped before it.
 
 `prometheus_client` is imported when the worker creates its metrics, after BentoML has set
 PROMETHEUS_MULTIPROC_DIR, so every worker writes to the shared files /metrics reads.
@@ -63,6 +65,17 @@ class ServiceMetrics:
             "convserve_request_duration_seconds",
             "HTTP request time, from its first byte read to its last byte written",
             ["route"],
+            buckets=SECONDS_BUCKETS,
+        )
+        self.grpc_requests = prom.Counter(
+            "convserve_grpc_requests_total",
+            "gRPC calls (inference.GRPCInferenceService) by method and status code",
+            ["method", "code"],
+        )
+        self.grpc_duration = prom.Histogram(
+            "convserve_grpc_request_duration_seconds",
+            "gRPC call time, from its message received to its answer handed to gRPC",
+            ["method"],
             buckets=SECONDS_BUCKETS,
         )
 

@@ -14,10 +14,21 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
+import re
 import time
 from typing import Any
 
 current: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+# A client's request id is taken when it is a sane token (1 to 128 characters of letters,
+# digits and `._:/+=@-`), else a new one is made.
+SANE_ID = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}")
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()  # 32 hex digits
+
+
 access = logging.getLogger("convserve.access")
 
 

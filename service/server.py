@@ -19,7 +19,6 @@ import asyncio
 import functools
 import hmac
 import logging
-import os
 import re
 import time
 from collections.abc import Mapping
@@ -35,14 +34,18 @@ from convserve.service.admission import CLOSE, Admission, BodyRefused, ClientGon
 from convserve.service.clock import Clock
 from convserve.service.control import Control, shared_state
 from convserve.service.decoding import INLINE_BYTES, Decoder
+from convserve.service.drain import Drain
+from convserve.service.grpc_door import GrpcDoor
 from convserve.service.loading import ServedModel, load_models, warm_up
 from convserve.service.messages import Request
 from convserve.service.metrics import ServiceMetrics, refused, service_metrics
 from convserve.service.protocols.base import INTERNAL, Access, Operation, WireProtocol
+from convserve.service.protocols.oip.grpc import GrpcOip, Rpc
 from convserve.service.protocols.oip.http import Oip
+from convserve.service.protocols.oip.model import Inference
 from convserve.service.protocols.oip.types import HEADER_LENGTH
 from convserve.service.protocols.rest import Rest
-from convserve.service.requests_log import current, log_access
+from convserve.service.requests_log import SANE_ID, current, log_access, new_request_id
 from convserve.service.settings import ServiceSettings
 from convserve.service.tasks import TASKS
 from convserve.service.tasks.base import Task
@@ -269,7 +272,11 @@ class Server:
     metrics: ServiceMetrics
     decoder: Decoder
     routes: Routes
+    rpcs: list[Rpc]  # the gRPC service's methods (grpc_door.py)
+    drain: Drain
+    grpc_port: int | None = None  # the port gRPC listens on, once started
     _follower: asyncio.Task[None] | None = field(default=None, repr=False)
+    _grpc: GrpcDoor | None = field(default=None, repr=False)
 
     @classmethod
     def start(cls, settings: ServiceSettings) -> Server:
@@ -290,23 +297,41 @@ class Server:
             body_timeout_s=settings.body_timeout_s,
             clock=clock,
         )
+        inference = Inference(decoder, settings)
         protocols: list[WireProtocol] = [
-            Oip(decoder, settings, models, control),
+            Oip(inference, settings, models, control),
             Rest(list(tasks.values()), settings, models),
         ]
+        drain = Drain(settings.drain_s)
+        grpc = GrpcOip(settings, models, control, inference, lambda: server.ready)
         tokens = Tokens.of(settings.api_token, settings.admin_token)
         server = cls(
             settings, tasks, models, control, tokens, admission, clock, metrics, decoder,
-            Routes(protocols),
+            Routes(protocols), grpc.rpcs(), drain,
         )  # fmt: skip
         clock.on_tick = server._sample_gauges
         return server
+
+    @property
+    def ready(self) -> bool:
+        """Warmed up and not draining: what /readyz and the protocols' readiness answer."""
+        return self.models.ready and not self.drain.draining
 
     async def warm_up(self) -> None:
         await warm_up(self.models.all, self.settings)
         self.models.ready = True
         # Another worker's model control, followed (control.py).
         self._follower = asyncio.get_running_loop().create_task(self.control.follow())
+        if self.settings.grpc_port:
+            self._grpc = GrpcDoor(self, self.rpcs, self.settings.access_log)
+            self.grpc_port = await self._grpc.start(
+                self.settings.grpc_host, self.settings.grpc_port
+            )
+
+    async def stop_grpc(self) -> None:
+        """Stop taking gRPC calls; those in flight get grpc_door.STOP_GRACE_S to finish."""
+        if self._grpc is not None:
+            await self._grpc.stop()
 
     def shutdown(self) -> None:
         if self._follower is not None:
@@ -323,6 +348,18 @@ class Server:
             name, version = served.stored.tag.split(":", 1)
             self.metrics.queued.labels(name, version).set(served.batcher.queued_images)
 
+    async def handle(self, operation: Operation, call: Any) -> Any:
+        """A call read by its protocol, whatever the transport: the model it names resolved
+        (when the operation resolves one) and the operation run on it."""
+        if not operation.resolves:
+            return await operation.run(None, call)
+        served = self.models.get(call.model, call.version, operation.task)
+        served.active += 1  # counted, so that a reload or an unload waits for it (control.py)
+        try:
+            return await operation.run(served, call)
+        finally:
+            served.active -= 1
+
     async def serve(self, found: Found, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer one request of a route: admitted, read, resolved, run; its answer or its error
         (in the operation's protocol) sent."""
@@ -335,7 +372,7 @@ class Server:
             error = ConvserveError(ErrorCode.METHOD_NOT_ALLOWED, "Method Not Allowed")
             await _send_error(found.protocol, send, error, {"Allow": allow})
             return
-        protocol = operation.protocol
+        protocol = found.protocol
         content_type, header_length, authorization = _headers(scope)
         try:  # before a byte of the body is read
             self.tokens.check(operation.access, authorization)
@@ -367,19 +404,7 @@ class Server:
             else:  # taking a large body apart would hold the loop (decoding.INLINE_BYTES)
                 loop = asyncio.get_running_loop()
                 call = await loop.run_in_executor(self.decoder.threads, operation.read, request)
-            served = (
-                self.models.get(call.model, call.version, operation.task)
-                if operation.resolves
-                else None
-            )
-            if served is None:
-                answer = await operation.run(served, call)
-            else:  # counted, so that a reload or an unload waits for it (control.py)
-                served.active += 1
-                try:
-                    answer = await operation.run(served, call)
-                finally:
-                    served.active -= 1
+            answer = await self.handle(operation, call)
             self.clock.clear(watch)
             await send_bytes(send, answer.status, answer.body, answer.headers, answer.media_type)
         except asyncio.CancelledError:
@@ -441,22 +466,21 @@ async def send_bytes(
     await send({"type": "http.response.body", "body": body})
 
 
-# X-Request-ID: the client's when it is a sane token (1 to 128 characters of letters, digits and
-# `._:/+=@-`), else a new one (32 hex digits); echoed in the response header, in every error
-# body (`request_id`) and in every log line written while the request is handled.
+# X-Request-ID: the client's when it is sane (requests_log.SANE_ID), else a new one; echoed in
+# the response header, in every error body (`request_id`) and in every log line written while
+# the request is handled.
 HEADER = b"x-request-id"
-_TOKEN = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}")
 
 
 def request_id_of(scope: Scope) -> str:
     """The client's sane X-Request-ID, or a new one."""
-    return _incoming(scope) or os.urandom(16).hex()
+    return _incoming(scope) or new_request_id()
 
 
 def _incoming(scope: Scope) -> str | None:
     for key, value in scope.get("headers", ()):
         if key == HEADER:
-            return value.decode("ascii") if _TOKEN.fullmatch(value) else None
+            return value.decode("ascii") if SANE_ID.fullmatch(value) else None
     return None
 
 

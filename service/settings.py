@@ -85,6 +85,19 @@ class ServiceSettings(BaseSettings):
         description="connections per worker that may be sending a request head at once; past "
         "it the oldest is closed (well under the 20,000 files a process may open)",
     )
+    grpc_port: int = Field(
+        default=8001,
+        ge=0,
+        le=65535,
+        description="port of the Open Inference Protocol over gRPC (Triton's and KServe's "
+        "`inference.GRPCInferenceService`); every worker serves it (SO_REUSEPORT). 0: off",
+    )
+    grpc_host: str = Field(
+        default="0.0.0.0",
+        min_length=1,
+        description="address the gRPC port binds; `convserve serve` sets it to its `--host` "
+        "unless this is set",
+    )
     workers: int = Field(
         default=1,
         ge=1,

@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 from typing import Protocol as Structural
 
 from convserve.errors import ConvserveError, DeadlineExceeded, ErrorCode, Overloaded
-from convserve.service.messages import Answer, Request
 from convserve.spec import TaskName
 
 
@@ -57,8 +56,17 @@ class Access(StrEnum):
     ADMIN = "admin"  # model control
 
 
-Read = Callable[[Request], Any]
-Run = Callable[[Any, Any], Awaitable[Answer]]  # (the served model or None, the call) -> answer
+# Over HTTP an operation reads a `Request` and answers an `Answer`; over gRPC it reads the
+# call's message and answers the response message.
+Read = Callable[[Any], Any]
+Run = Callable[[Any, Any], Awaitable[Any]]  # (the served model or None, the call) -> answer
+
+
+class Protocol:
+    """A protocol whose operations the server runs (over HTTP, `WireProtocol`; over gRPC,
+    `oip.grpc.GrpcOip`)."""
+
+    name: ClassVar[str]
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,7 @@ class Operation:
     is the request's metrics label)."""
 
     method: str
-    protocol: WireProtocol
+    protocol: Protocol
     read: Read
     run: Run
     resolves: bool = True  # the server resolves the call's model before `run`
@@ -85,10 +93,9 @@ def retry_headers(error: ConvserveError) -> dict[str, str]:
     return {}
 
 
-class WireProtocol(ABC):
-    """A protocol: the paths it owns, how it renders an error, and its operations."""
+class WireProtocol(Protocol, ABC):
+    """A protocol over HTTP: the paths it owns, how it renders an error, and its operations."""
 
-    name: ClassVar[str]
     prefix: ClassVar[str]  # it owns this path and everything under it ("/": every path)
 
     @classmethod

@@ -114,8 +114,8 @@ class Route:
 
 
 @dataclass(frozen=True)
-class OutputInfo:
-    """One output as the Open Inference Protocol describes it."""
+class TensorInfo:
+    """One input or output as the Open Inference Protocol describes it."""
 
     name: str
     datatype: str
@@ -150,5 +150,10 @@ class Task:
         dtype = np.uint8 if spec.input.dtype == "uint8" else np.float32
         return np.zeros(spec.input.shape(n), dtype=dtype)
 
-    def oip_outputs(self, spec: ModelSpec, model: OnnxModel) -> list[OutputInfo]:
-        return [OutputInfo(name, "FP32", [-1]) for name in model.output_names]
+    def oip_outputs(self, spec: ModelSpec, model: OnnxModel) -> list[TensorInfo]:
+        return [TensorInfo(name, "FP32", [-1]) for name in model.output_names]
+
+    def oip_inputs(self, spec: ModelSpec) -> list[TensorInfo]:
+        """The runner's inputs after the images (a stylizer's style weights), each with the
+        images' batch axis: the runner takes (images, *these) as rows."""
+        return []

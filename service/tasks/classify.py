@@ -24,10 +24,10 @@ from convserve.service.tasks.base import (
     ImageParts,
     ImagesCall,
     ModelParams,
-    OutputInfo,
     Route,
     Task,
     TensorCall,
+    TensorInfo,
 )
 from convserve.service.tensors import to_model_input
 from convserve.spec import ModelSpec, TaskName
@@ -105,8 +105,8 @@ class ClassifyTask(Task):
         assert isinstance(model, OnnxClassifier)
         return cast(Infer, model.probabilities)  # one input, one output: arrays
 
-    def oip_outputs(self, spec: ModelSpec, model: OnnxModel) -> list[OutputInfo]:
-        return [OutputInfo(OUTPUT_NAME, "FP32", [-1, spec.num_classes])]
+    def oip_outputs(self, spec: ModelSpec, model: OnnxModel) -> list[TensorInfo]:
+        return [TensorInfo(OUTPUT_NAME, "FP32", [-1, spec.num_classes])]
 
     def top_k(self, served: ServedModel, k: int | None) -> int:
         """The top-k a request asked of `served` (the default when absent)."""

@@ -25,9 +25,9 @@ from convserve.service.tasks.base import (
     ImageParts,
     ImagesCall,
     ModelParams,
-    OutputInfo,
     Route,
     Task,
+    TensorInfo,
 )
 from convserve.spec import ModelSpec, TaskName
 from convserve.tasks.detect import Detections, select
@@ -105,10 +105,10 @@ def detections_payload(
 class DetectTask(Task):
     name = TaskName.DETECT
 
-    def oip_outputs(self, spec: ModelSpec, model: OnnxModel) -> list[OutputInfo]:
+    def oip_outputs(self, spec: ModelSpec, model: OnnxModel) -> list[TensorInfo]:
         return [
-            OutputInfo("boxes", "FP32", [-1, -1, 4]),
-            OutputInfo("scores", "FP32", [-1, -1, spec.num_classes]),
+            TensorInfo("boxes", "FP32", [-1, -1, 4]),
+            TensorInfo("scores", "FP32", [-1, -1, spec.num_classes]),
         ]
 
     async def detect(self, served: ServedModel, call: ImagesCall[DetectParams]) -> Answer:

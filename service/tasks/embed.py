@@ -32,9 +32,9 @@ from convserve.service.tasks.base import (
     ImageParts,
     ImagesCall,
     ModelParams,
-    OutputInfo,
     Route,
     Task,
+    TensorInfo,
 )
 from convserve.spec import ModelSpec, TaskName
 from convserve.tasks.embed import squared_distance, unit
@@ -69,9 +69,9 @@ class EmbedTask(Task):
         # Unit length whatever the graph gives (an imported model may not normalize).
         return lambda x: unit(model.run(cast(np.ndarray, x))[0])  # one input: an array
 
-    def oip_outputs(self, spec: ModelSpec, model: OnnxModel) -> list[OutputInfo]:
+    def oip_outputs(self, spec: ModelSpec, model: OnnxModel) -> list[TensorInfo]:
         assert spec.embed is not None
-        return [OutputInfo(spec.embed.output, "FP32", [-1, spec.embed.dim])]
+        return [TensorInfo(spec.embed.output, "FP32", [-1, spec.embed.dim])]
 
     async def embed(self, served: ServedModel, call: ImagesCall[ModelParams]) -> Answer:
         batch = await self.decoder.decode(served.spec.input, call.uploads)

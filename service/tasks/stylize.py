@@ -33,9 +33,9 @@ from convserve.service.tasks.base import (
     ImageParts,
     ImagesCall,
     ModelParams,
-    OutputInfo,
     Route,
     Task,
+    TensorInfo,
 )
 from convserve.spec import ModelSpec, TaskName
 from convserve.tasks.stylize import style_weights, to_png
@@ -93,9 +93,13 @@ class StylizeTask(Task):
         weights[:, 0] = 1.0
         return np.zeros((n, 3, WARM_UP_SIDE, WARM_UP_SIDE), dtype=np.float32), weights
 
-    def oip_outputs(self, spec: ModelSpec, model: OnnxModel) -> list[OutputInfo]:
+    def oip_outputs(self, spec: ModelSpec, model: OnnxModel) -> list[TensorInfo]:
         assert spec.stylize is not None
-        return [OutputInfo(spec.stylize.output, "FP32", [-1, 3, -1, -1])]
+        return [TensorInfo(spec.stylize.output, "FP32", [-1, 3, -1, -1])]
+
+    def oip_inputs(self, spec: ModelSpec) -> list[TensorInfo]:
+        assert spec.stylize is not None  # one row of style weights per image, summing to 1
+        return [TensorInfo(spec.stylize.style_input, "FP32", [-1, spec.stylize.styles])]
 
     async def stylize(self, served: ServedModel, call: ImagesCall[StylizeParams]) -> Answer:
         assert served.spec.stylize is not None

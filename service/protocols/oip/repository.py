@@ -15,6 +15,7 @@ loading itself (verify, warm up, swap, drain) is the server's (`ModelControl`).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from fastapi import APIRouter
@@ -44,6 +45,18 @@ class _Control(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict[str, Any])
 
 
+REFUSED_HINT = (
+    "models are loaded from the local store only; add them with `convserve export` or "
+    "`convserve import` on the machine"
+)
+
+
+def refused_keys(parameters: Iterable[str]) -> list[str]:
+    """The load parameters that would bring a model from outside the store (Triton's
+    `config` and `file:<path>` overrides): refused."""
+    return sorted(k for k in parameters if k == "config" or k.startswith("file:"))
+
+
 def read_control(request: Request) -> Named:
     """The model a load or unload names, and for a load the version its parameters name."""
     name = request.path_params.get("name")
@@ -53,13 +66,9 @@ def read_control(request: Request) -> Named:
         parameters = _Control.model_validate_json(request.body).parameters
     except ValidationError:
         raise bad_request('the body is not a repository request: {"parameters": {...}}') from None
-    refused = sorted(k for k in parameters if k == "config" or k.startswith("file:"))
+    refused = refused_keys(parameters)
     if refused:
-        raise InvalidInput(
-            ErrorCode.INVALID_REQUEST,
-            f"{', '.join(refused)}: models are loaded from the local store only; add them with "
-            "`convserve export` or `convserve import` on the machine",
-        )
+        raise InvalidInput(ErrorCode.INVALID_REQUEST, f"{', '.join(refused)}: {REFUSED_HINT}")
     version = parameters.get("version")
     if version is not None and (not isinstance(version, str) or not version):
         raise bad_request("parameters.version must be a version string")

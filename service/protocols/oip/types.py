@@ -1,12 +1,13 @@
 """The Open Inference Protocol's wire types and request codec (KServe's `infer_type.py`): no
 web framework here.
 
-An inference request is JSON, or JSON followed by binary tensors whose header length is given by
-`Inference-Header-Content-Length`. One input per request, named as the model's input:
+An inference request over HTTP is JSON, or JSON followed by binary tensors whose header length
+is given by `Inference-Header-Content-Length`; over gRPC it is a `ModelInferRequest`. Either way
+it becomes one `InferRequest`, whose inputs are:
   FP32  [N, C, H, W]  normalized, as the model takes it (its layout: NHWC models take N, H, W, C)
   UINT8 [N, C, H, W]  pixels 0..255, normalized by the server
-  BYTES [N] or [N, 1] encoded images (PNG, JPEG, WebP, GIF); in JSON each element is base64
-or `image` (BYTES [N]: encoded images).
+  BYTES [N, 1] or [N] encoded images (PNG, JPEG, WebP, GIF); in JSON each element is base64
+Which inputs a model takes is its view's (model.py).
 """
 
 from __future__ import annotations
@@ -126,55 +127,84 @@ def _b64(text: Any, name: str) -> bytes:
     return decode_base64(text, f"input {name!r}: a BYTES element")
 
 
-def _decode_input(tensor: _Tensor, binary: bytes, offset: int) -> tuple[InferInput, int]:
-    name, datatype = tensor.name, tensor.datatype
+def check_tensor(name: str, datatype: str, shape: list[int] | tuple[int, ...]) -> None:
+    """A tensor's datatype and shape, before its data is looked at."""
     if datatype not in KNOWN_DATATYPES:
         raise bad_request(f"input {name!r}: unknown datatype {datatype!r}")
     if datatype not in NUMERIC and datatype != "BYTES":
         raise bad_request(
             f"input {name!r}: datatype {datatype} not accepted; use FP32, UINT8 or BYTES"
         )
-    if any(d < 0 for d in tensor.shape):
-        raise bad_request(f"input {name!r}: shape {tensor.shape} has a negative dimension")
+    if any(d < 0 for d in shape):
+        raise bad_request(f"input {name!r}: shape {list(shape)} has a negative dimension")
+
+
+def from_binary(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> InferInput:
+    """A tensor's binary data (HTTP's binary extension, gRPC's `raw_input_contents`):
+    little-endian numbers, or BYTES elements each after its 4-byte length."""
+    check_tensor(name, datatype, shape)
+    if datatype == "BYTES":
+        return _counted(InferInput(name, datatype, shape, _bytes_elements(raw)))
+    dtype = NUMERIC[datatype]
+    count = math.prod(shape)
+    if len(raw) != count * dtype.itemsize:
+        raise bad_request(
+            f"input {name!r}: shape {list(shape)} of {datatype} needs "
+            f"{count * dtype.itemsize} bytes, got {len(raw)}"
+        )
+    return InferInput(name, datatype, shape, np.frombuffer(raw, dtype=dtype).reshape(shape))
+
+
+def from_numbers(name: str, datatype: str, shape: tuple[int, ...], flat: Any) -> InferInput:
+    """A numeric tensor's values, flat (JSON's numbers, gRPC's typed contents)."""
+    check_tensor(name, datatype, shape)
+    try:
+        array = np.asarray(flat, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise bad_request(f"input {name!r}: data must be numbers") from None
+    if array.ndim != 1:
+        raise bad_request(f"input {name!r}: data must be numbers")
+    if datatype == "UINT8" and ((array < 0) | (array > 255) | (array % 1 != 0)).any():
+        raise bad_request(f"input {name!r}: UINT8 data must be integers 0..255")
+    count = math.prod(shape)
+    if len(array) != count:
+        raise bad_request(
+            f"input {name!r}: shape {list(shape)} needs {count} values, got {len(array)}"
+        )
+    return InferInput(name, datatype, shape, array.astype(NUMERIC[datatype]).reshape(shape))
+
+
+def from_elements(name: str, shape: tuple[int, ...], elements: list[bytes]) -> InferInput:
+    """A BYTES tensor's elements."""
+    check_tensor(name, "BYTES", shape)
+    return _counted(InferInput(name, "BYTES", shape, elements))
+
+
+def _counted(tensor: InferInput) -> InferInput:
     count = math.prod(tensor.shape)
+    if len(tensor.value) != count:
+        raise bad_request(
+            f"input {tensor.name!r}: shape {list(tensor.shape)} needs {count} elements, "
+            f"got {len(tensor.value)}"
+        )
+    return tensor
+
+
+def _decode_input(tensor: _Tensor, binary: bytes, offset: int) -> tuple[InferInput, int]:
+    name, datatype, shape = tensor.name, tensor.datatype, tuple(tensor.shape)
+    check_tensor(name, datatype, shape)
     size = tensor.parameters.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
             raise bad_request(f"input {name!r}: binary_data_size {size} is beyond the body")
         raw, offset = binary[offset : offset + size], offset + size
-        if datatype == "BYTES":
-            value: np.ndarray | list[bytes] = _bytes_elements(raw)
-        else:
-            dtype = NUMERIC[datatype]
-            if len(raw) != count * dtype.itemsize:
-                raise bad_request(
-                    f"input {name!r}: shape {tensor.shape} of {datatype} needs "
-                    f"{count * dtype.itemsize} bytes, got {len(raw)}"
-                )
-            value = np.frombuffer(raw, dtype=dtype).reshape(tensor.shape)
-    else:
-        if tensor.data is None:
-            raise bad_request(f"input {name!r} has neither data nor binary_data_size")
-        flat = _flatten(tensor.data)
-        if datatype == "BYTES":
-            value = [_b64(x, name) for x in flat]
-        else:
-            try:
-                array = np.asarray(flat, dtype=np.float64)
-            except (TypeError, ValueError):
-                raise bad_request(f"input {name!r}: data must be numbers") from None
-            if datatype == "UINT8" and ((array < 0) | (array > 255) | (array % 1 != 0)).any():
-                raise bad_request(f"input {name!r}: UINT8 data must be integers 0..255")
-            if len(array) != count:
-                raise bad_request(
-                    f"input {name!r}: shape {tensor.shape} needs {count} values, got {len(array)}"
-                )
-            value = array.astype(NUMERIC[datatype]).reshape(tensor.shape)
-    if datatype == "BYTES" and len(value) != count:
-        raise bad_request(
-            f"input {name!r}: shape {tensor.shape} needs {count} elements, got {len(value)}"
-        )
-    return InferInput(name, datatype, tuple(tensor.shape), value), offset
+        return from_binary(name, datatype, shape, raw), offset
+    if tensor.data is None:
+        raise bad_request(f"input {name!r} has neither data nor binary_data_size")
+    flat = _flatten(tensor.data)
+    if datatype == "BYTES":
+        return from_elements(name, shape, [_b64(x, name) for x in flat]), offset
+    return from_numbers(name, datatype, shape, flat), offset
 
 
 def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
@@ -205,19 +235,52 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     return InferRequest(request.id, inputs, outputs, binary_all)
 
 
+IMAGE_VIEW = ".image"  # `<model>.image`: the model's encoded-image view (model.py)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """The model (and version) a request names, and which of its views: `<model>.image` names
+    the encoded-image view of `<model>`. `model` None: no model (server-wide calls)."""
+
+    model: str | None
+    version: str | None = None
+    images: bool = False
+
+    @classmethod
+    def named(cls, name: str | None, version: str | None = None) -> ModelRef:
+        if name is not None and name.endswith(IMAGE_VIEW) and len(name) > len(IMAGE_VIEW):
+            return cls(name.removesuffix(IMAGE_VIEW), version, True)
+        return cls(name, version)
+
+    @property
+    def name(self) -> str:
+        """The name as the request gave it."""
+        assert self.model is not None
+        return self.model + IMAGE_VIEW if self.images else self.model
+
+
 @dataclass(frozen=True, slots=True)
 class InferCall:
-    """An inference request read, and the model and version its path names."""
+    """An inference request read, and the model, version and view it names."""
 
-    model: str
-    version: str | None
+    ref: ModelRef
     request: InferRequest
+
+    @property
+    def model(self) -> str | None:
+        return self.ref.model
+
+    @property
+    def version(self) -> str | None:
+        return self.ref.version
 
 
 def read_infer(request: Request) -> InferCall:
     """POST /v2/models/{name}[/versions/{version}]/infer, read."""
     parsed = parse_infer_request(request.body, request.header_length)
-    return InferCall(request.path_params["name"], request.path_params.get("version"), parsed)
+    ref = ModelRef.named(request.path_params["name"], request.path_params.get("version"))
+    return InferCall(ref, parsed)
 
 
 def bytes_payload(items: list[bytes]) -> bytes:

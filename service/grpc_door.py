@@ -1,0 +1,152 @@
+"""The gRPC front door: a `grpc.aio` server on the worker's event loop, beside BentoML's HTTP
+server, on the same models, batchers, admission, tokens and metrics.
+
+    call -> GrpcDoor (request id, metrics, access line)
+         -> tokens (`authorization: Bearer <token>` metadata, as over HTTP)
+         -> admission (the message's bytes held and an in-flight place, as an HTTP body's)
+         -> Rpc.operation.read (oip/grpc.py: the message taken apart)
+         -> Server.handle (the model resolved, the operation run)
+         -> the answer message, or the error as a gRPC status (oip/grpc.py's STATUS)
+
+Several workers share the port: each binds it with SO_REUSEPORT (gRPC's default on Linux) and
+the kernel spreads new connections across them. A gRPC connection is long-lived and carries
+many calls, so spreading is per connection: a client that wants every worker opens several
+channels (perf_analyzer's concurrency does; so do Kubernetes' clients behind a Service).
+
+A message over `max_body_bytes` is refused by gRPC itself (RESOURCE_EXHAUSTED) before a byte
+reaches convserve. A client that cancels, or whose deadline passes, cancels its call: its
+images are dropped wherever they were, as for an HTTP client that hangs up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from convserve.errors import ConvserveError
+from convserve.service.metrics import refused, service_metrics
+from convserve.service.protocols.base import INTERNAL
+from convserve.service.protocols.oip.grpc import SERVICE, STATUS, Rpc, error_metadata
+from convserve.service.requests_log import SANE_ID, current, log_access, new_request_id
+
+if TYPE_CHECKING:
+    from convserve.service.server import Server
+
+log = logging.getLogger("convserve.grpc")
+STOP_GRACE_S = 5.0  # calls in flight at shutdown get this long to finish
+
+
+def _request_id(metadata: Any) -> tuple[str, bytes | None]:
+    """The client's sane `x-request-id` (else a new one) and its `authorization`, in one pass."""
+    request_id: str | None = None
+    authorization: bytes | None = None
+    for key, value in metadata or ():
+        if key == "x-request-id" and request_id is None:
+            text = value if isinstance(value, str) else ""
+            request_id = text if SANE_ID.fullmatch(text.encode()) else ""
+        elif key == "authorization" and authorization is None:
+            authorization = value.encode() if isinstance(value, str) else value
+    return request_id or new_request_id(), authorization
+
+
+@functools.lru_cache(maxsize=256)  # methods and codes are fixed sets; the cache spares lookups
+def _children(method: str, status: grpc.StatusCode) -> tuple[Any, Any]:
+    metrics = service_metrics()
+    return metrics.grpc_requests.labels(method, status.name), metrics.grpc_duration.labels(method)
+
+
+class GrpcDoor:
+    def __init__(self, server: Server, rpcs: list[Rpc], access_log: bool = False) -> None:
+        self.server, self.rpcs, self.access_log = server, rpcs, access_log
+        self._grpc: grpc.aio.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listening on host:port (the port it bound)."""
+        settings = self.server.settings
+        grpc_server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1),
+                ("grpc.max_receive_message_length", settings.max_body_bytes),
+                ("grpc.max_send_message_length", -1),
+            ]
+        )
+        handlers = {rpc.name: self._handler(rpc) for rpc in self.rpcs}
+        grpc_server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, handlers),)
+        )
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        bound = grpc_server.add_insecure_port(address)
+        await grpc_server.start()
+        self._grpc = grpc_server
+        log.info("gRPC (%s) on %s", SERVICE, address)
+        return bound
+
+    async def stop(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(STOP_GRACE_S)
+            self._grpc = None
+
+    def _handler(self, rpc: Rpc) -> grpc.RpcMethodHandler:
+        parse: Callable[[bytes], Any] = rpc.request.FromString
+
+        def deserialize(data: bytes) -> tuple[int, Any]:  # the size, for admission
+            return len(data), parse(data)
+
+        async def call(request: tuple[int, Any], context: grpc.aio.ServicerContext) -> Any:
+            return await self.serve(rpc, request[0], request[1], context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            call,
+            request_deserializer=deserialize,
+            response_serializer=rpc.response.SerializeToString,
+        )
+
+    async def serve(
+        self, rpc: Rpc, size: int, message: Any, context: grpc.aio.ServicerContext
+    ) -> Any:
+        """One call: its answer, or its error as the call's status."""
+        server, operation = self.server, rpc.operation
+        started = time.perf_counter()
+        request_id, authorization = _request_id(context.invocation_metadata())
+        token = current.set(request_id)
+        status = grpc.StatusCode.OK
+        error: ConvserveError | None = None
+        try:
+            try:
+                server.tokens.check(operation.access, authorization)
+                if operation.admitted:
+                    server.admission.admit_message(size)
+                try:
+                    answer = await server.handle(operation, operation.read(message))
+                finally:
+                    if operation.admitted:
+                        server.admission.leave_message(size)
+                context.set_trailing_metadata((("x-request-id", request_id),))
+                return answer
+            except ConvserveError as raised:
+                error = raised
+            except asyncio.CancelledError:
+                # The client cancelled, or its deadline passed: nobody is left to answer.
+                status = grpc.StatusCode.CANCELLED
+                server.metrics.client_gone.inc()
+                raise
+            except Exception:
+                log.exception("unhandled error in %s", rpc.name)
+                error = INTERNAL
+            status = STATUS[error.code]
+            refused(error.code)
+            await context.abort(status, error.message, error_metadata(error, request_id))
+        finally:
+            seconds = time.perf_counter() - started
+            count, duration = _children(rpc.name, status)
+            count.inc()
+            duration.observe(seconds)
+            if self.access_log:
+                log_access("gRPC", rpc.name, status.value[0], seconds)
+            current.reset(token)
