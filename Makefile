@@ -14,6 +14,7 @@ BROWSER := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install dataset container-tools browser serve test test-fast test-long lint bench profile \
+	perf perf-analyzer \
 	profile-before-after fuzz soak \
 	models detector siamese stylizer transfer evaluate clean
 
@@ -83,7 +84,7 @@ $(BROWSER):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq chromium
 
-test: install dataset container-tools browser $(KSERVE_WHEEL)
+test: install dataset container-tools browser $(KSERVE_WHEEL) perf-analyzer
 	$(BIN)/python -m pytest
 
 # What the default run leaves out for time: the container build that trains its own model.
@@ -105,6 +106,24 @@ $(PEER_TOOLS):
 
 bench: install dataset $(PEER_TOOLS)
 	$(BIN)/python -m convserve.loadtest.bench --out docs/bench --checkpoint runs/default/best.pt
+
+# Triton's perf_analyzer (from tritonclient 2.50.0's manylinux wheel, unpacked into
+# .cache/perf_analyzer with the CUDA runtime library it links; no GPU is used) and the libb64
+# it needs from Debian. `make perf` measures convserve and Triton with it (docs/bench/perf-analyzer).
+LIBB64 := /usr/lib/x86_64-linux-gnu/libb64.so.0d
+PERF_ANALYZER := .cache/perf_analyzer/bin/perf_analyzer
+
+$(LIBB64):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq libb64-0d
+
+$(PERF_ANALYZER): $(BIN)/.installed | $(LIBB64)
+	$(BIN)/python -c "from convserve.loadtest.perf_analyzer import ensure; ensure()"
+
+perf-analyzer: $(LIBB64) $(PERF_ANALYZER)
+
+perf: install dataset perf-analyzer $(PEER_TOOLS)
+	$(BIN)/python -m convserve.loadtest.perf_analyzer --out docs/bench/perf-analyzer
 
 # wrk measures the HTTP floors beside the profile (the profile runs without it, floors left out).
 WRK := /usr/bin/wrk

@@ -24,14 +24,14 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from convserve.errors import ConvserveError
 from convserve.service.metrics import refused, service_metrics
-from convserve.service.protocols.base import INTERNAL
+from convserve.service.protocols.base import INTERNAL, Operation
 from convserve.service.protocols.oip.grpc import SERVICE, STATUS, Rpc, error_metadata
 from convserve.service.requests_log import SANE_ID, current, log_access, new_request_id
 
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from convserve.service.server import Server
 
 log = logging.getLogger("convserve.grpc")
+Context = grpc.aio.ServicerContext
 STOP_GRACE_S = 5.0  # calls in flight at shutdown get this long to finish
 
 
@@ -98,7 +99,18 @@ class GrpcDoor:
         def deserialize(data: bytes) -> tuple[int, Any]:  # the size, for admission
             return len(data), parse(data)
 
-        async def call(request: tuple[int, Any], context: grpc.aio.ServicerContext) -> Any:
+        if rpc.streaming:
+
+            async def stream(requests: AsyncIterator[tuple[int, Any]], context: Context) -> None:
+                await self.serve_stream(rpc, requests, context)
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream,
+                request_deserializer=deserialize,
+                response_serializer=rpc.response.SerializeToString,
+            )
+
+        async def call(request: tuple[int, Any], context: Context) -> Any:
             return await self.serve(rpc, request[0], request[1], context)
 
         return grpc.unary_unary_rpc_method_handler(
@@ -107,46 +119,103 @@ class GrpcDoor:
             response_serializer=rpc.response.SerializeToString,
         )
 
-    async def serve(
-        self, rpc: Rpc, size: int, message: Any, context: grpc.aio.ServicerContext
-    ) -> Any:
-        """One call: its answer, or its error as the call's status."""
+    async def _answer(self, operation: Operation, size: int, message: Any) -> Any:
+        """A message's answer: admitted, read, resolved, run; domain errors raised."""
+        admission = self.server.admission
+        if operation.admitted:
+            admission.admit_message(size)
+        try:
+            return await self.server.handle(operation, operation.read(message))
+        finally:
+            if operation.admitted:
+                admission.leave_message(size)
+
+    async def serve(self, rpc: Rpc, size: int, message: Any, context: Context) -> Any:
+        """One unary call: its answer, or its error as the call's status."""
         server, operation = self.server, rpc.operation
         started = time.perf_counter()
         request_id, authorization = _request_id(context.invocation_metadata())
         token = current.set(request_id)
         status = grpc.StatusCode.OK
-        error: ConvserveError | None = None
         try:
             try:
                 server.tokens.check(operation.access, authorization)
-                if operation.admitted:
-                    server.admission.admit_message(size)
-                try:
-                    answer = await server.handle(operation, operation.read(message))
-                finally:
-                    if operation.admitted:
-                        server.admission.leave_message(size)
+                answer = await self._answer(operation, size, message)
                 context.set_trailing_metadata((("x-request-id", request_id),))
                 return answer
-            except ConvserveError as raised:
-                error = raised
             except asyncio.CancelledError:
                 # The client cancelled, or its deadline passed: nobody is left to answer.
                 status = grpc.StatusCode.CANCELLED
                 server.metrics.client_gone.inc()
                 raise
-            except Exception:
-                log.exception("unhandled error in %s", rpc.name)
-                error = INTERNAL
+            except Exception as raised:  # noqa: BLE001 (every error gets a status, below)
+                error = _domain(raised, rpc.name)
             status = STATUS[error.code]
             refused(error.code)
             await context.abort(status, error.message, error_metadata(error, request_id))
         finally:
-            seconds = time.perf_counter() - started
-            count, duration = _children(rpc.name, status)
-            count.inc()
-            duration.observe(seconds)
-            if self.access_log:
-                log_access("gRPC", rpc.name, status.value[0], seconds)
+            self._record(rpc.name, status, time.perf_counter() - started)
             current.reset(token)
+
+    async def serve_stream(
+        self, rpc: Rpc, requests: AsyncIterator[tuple[int, Any]], context: Context
+    ) -> None:
+        """ModelStreamInfer: each request on the stream answered as it completes (in any
+        order: a response carries its request's `id`), several at once, each admitted as a
+        call of its own. A request's error is its response's `error_message`; the stream goes
+        on. The token is checked once, from the stream's metadata."""
+        server, operation = self.server, rpc.operation
+        request_id, authorization = _request_id(context.invocation_metadata())
+        token = current.set(request_id)  # the stream's, in every request's task
+        try:
+            server.tokens.check(operation.access, authorization)
+        except ConvserveError as error:
+            refused(error.code)
+            current.reset(token)
+            await context.abort(STATUS[error.code], error.message,
+                                error_metadata(error, request_id))  # fmt: skip
+        writing = asyncio.Lock()
+        running: set[asyncio.Task[None]] = set()
+
+        async def one(size: int, message: Any) -> None:
+            started = time.perf_counter()
+            status = grpc.StatusCode.OK
+            try:
+                response = await self._answer(operation, size, message)
+            except Exception as raised:  # noqa: BLE001 (every error gets an answer)
+                error = _domain(raised, rpc.name)
+                status = STATUS[error.code]
+                refused(error.code)
+                response = rpc.response(error_message=error.message)
+                response.infer_response.id = message.id
+            async with writing:
+                await context.write(response)
+            self._record(rpc.name, status, time.perf_counter() - started)
+
+        try:
+            async for size, message in requests:
+                task = asyncio.get_running_loop().create_task(one(size, message))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            if running:
+                await asyncio.gather(*running)
+        finally:
+            for task in running:  # the client went: what it asked is dropped
+                task.cancel()
+            current.reset(token)
+
+    def _record(self, method: str, status: grpc.StatusCode, seconds: float) -> None:
+        count, duration = _children(method, status)
+        count.inc()
+        duration.observe(seconds)
+        if self.access_log:
+            log_access("gRPC", method, status.value[0], seconds)
+
+
+def _domain(raised: Exception, method: str) -> ConvserveError:
+    """The error a client is told: a domain error as it is; anything else, logged, as an
+    internal error without its details."""
+    if isinstance(raised, ConvserveError):
+        return raised
+    log.error("unhandled error in %s", method, exc_info=raised)
+    return INTERNAL

@@ -16,8 +16,9 @@ __all__ = ["ROOT", "SERVICE", "free_port", "start_server", "stop_server", "wait_
 
 def start_server(home: Path, log_path: Path, **settings: str) -> tuple[subprocess.Popen, str]:
     """`bentoml serve` on a free port with CONVSERVE_* settings; returns once /readyz is 200.
-    Tests stop servers with SIGTERM: no drain period unless a test asks for one."""
-    settings = {"drain_s": "0", **settings}
+    Tests stop servers with SIGTERM: no drain period unless a test asks for one; no gRPC port
+    unless a test gives one (`grpc_port=str(free_port())`)."""
+    settings = {"drain_s": "0", "grpc_port": "0", **settings}  # gRPC where a test asks for it
     server = Server("convserve", [PY, "-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1",
                                   "--port", "{port}"], "/readyz")  # fmt: skip
     env = {"BENTOML_HOME": str(home), **{f"CONVSERVE_{k.upper()}": v for k, v in settings.items()}}

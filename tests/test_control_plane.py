@@ -13,7 +13,7 @@ import pytest
 from bad_inputs import encode
 from conftest import _store
 from PIL import Image
-from serving import start_server, stop_server
+from serving import free_port, start_server, stop_server
 
 from convserve.errors import ConvserveError
 from convserve.service.protocols.base import Access
@@ -35,11 +35,19 @@ def versions(quick_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(bentoml_home, versions, quick_stored, tmp_path_factory):
+def grpc_address() -> str:
+    return f"127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(scope="module")
+def server(bentoml_home, versions, quick_stored, tmp_path_factory, grpc_address):
     first, _ = versions
     log = tmp_path_factory.mktemp("ctl-server") / "server.log"
     models = f"{first.tag},{quick_stored[1].tag}"
-    proc, url = start_server(bentoml_home, log, models=models, api_token=API, admin_token=ADMIN)
+    proc, url = start_server(
+        bentoml_home, log, models=models, api_token=API, admin_token=ADMIN,
+        grpc_port=grpc_address.rsplit(":", 1)[1],
+    )  # fmt: skip
     yield url
     stop_server(proc)
 
@@ -105,6 +113,43 @@ def test_tritonclient_lists_unloads_and_reloads_with_the_admin_token_only(
               for m in client.get_model_repository_index(headers=admin)}  # fmt: skip
     assert states[(NAME, second.version)] == "READY"
     assert states[(NAME, first.version)] == "UNAVAILABLE"
+
+
+def test_over_grpc_the_same_tokens_guard_inference_and_the_repository(
+    server, grpc_address, versions, garment
+):
+    import grpc
+    import numpy as np
+    import tritonclient.grpc as tgrpc
+    from tritonclient.utils import InferenceServerException
+
+    _, second = versions
+    api, admin = {"authorization": f"Bearer {API}"}, {"authorization": f"Bearer {ADMIN}"}
+    image = tgrpc.InferInput("image", [1, 1], "BYTES")
+    image.set_data_from_numpy(np.array([[garment]], dtype=np.object_))
+    with tgrpc.InferenceServerClient(grpc_address) as client:
+        assert client.is_server_live() and client.is_server_ready()  # probes: open
+        for headers in ({}, admin, {"authorization": "Bearer wrong"}):
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer(NAME + ".image", [image], headers=headers)
+            assert refused.value.status() == str(grpc.StatusCode.UNAUTHENTICATED)
+            assert API not in str(refused.value) and ADMIN not in str(refused.value)
+        answer = client.infer(NAME + ".image", [image], headers=api)
+        assert answer.as_numpy("probabilities").shape == (1, 10)
+        with pytest.raises(InferenceServerException) as refused:
+            client.get_model_repository_index(headers=api)
+        assert refused.value.status() == str(grpc.StatusCode.UNAUTHENTICATED)
+        index = client.get_model_repository_index(headers=admin, as_json=True)["models"]
+        assert [m["state"] for m in index if m["name"] == NAME].count("READY") == 1
+        client.unload_model(NAME, headers=admin)
+        with pytest.raises(InferenceServerException) as gone:
+            client.infer(NAME + ".image", [image], headers=api)
+        assert gone.value.status() == str(grpc.StatusCode.NOT_FOUND)
+        client.load_model(NAME, headers=admin)  # its latest version again
+        assert (
+            client.infer(NAME + ".image", [image], headers=api).get_response().model_version
+            == second.version
+        )
 
 
 def _load(url: str, version: str) -> httpx.Response:

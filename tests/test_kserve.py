@@ -72,10 +72,8 @@ def test_health_and_metadata(client, quick_stored):
     meta = client.get_model_metadata("quick-lenet5")
     assert meta["name"] == "quick-lenet5" and meta["platform"] == "onnxruntime_onnx"
     assert meta["versions"] == [latest.version, older.version]
-    assert meta["inputs"] == [
-        {"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]},
-        {"name": "image", "datatype": "BYTES", "shape": [-1]},  # encoded images
-    ]
+    # The tensor view lists pixels; `quick-lenet5.image` lists the encoded images (test_grpc)
+    assert meta["inputs"] == [{"name": "input", "datatype": "UINT8", "shape": [-1, 1, 28, 28]}]
     assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
     assert client.get_model_metadata("quick-lenet5", older.version)["versions"] == [older.version]
     assert client.is_model_ready("quick-lenet5")

@@ -19,13 +19,14 @@ import onnxruntime as ort
 import pytest
 from bad_inputs import assert_error, encode, png_with_header
 from PIL import Image
-from serving import start_server, stop_server
+from serving import free_port, start_server, stop_server
 
 from convserve.models.data import load_scenes
 from convserve.tasks.detect import select
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
+GRPC_PORT = free_port()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def server(
             stylizer_stored,
         )
     )
-    proc, url = start_server(bentoml_home, log, models=models)
+    proc, url = start_server(bentoml_home, log, models=models, grpc_port=str(GRPC_PORT))
     yield url
     stop_server(proc)
 
@@ -97,7 +98,56 @@ def test_the_open_inference_protocol_serves_the_detectors_raw_outputs(client, sc
     outputs = {o["name"]: o for o in resp.json()["outputs"]}
     assert outputs["boxes"]["shape"] == [1, 192, 4] and outputs["scores"]["shape"] == [1, 192, 10]
     refused = client.post("/v2/models/styletransfer-multistyle26/infer", json=body)
-    assert refused.status_code == 400 and "/stylize" in refused.json()["error"]
+    assert refused.status_code == 400 and "style_weights" in refused.json()["error"]
+
+
+def test_every_task_answers_over_grpc_as_over_http(client, server, scenes, fashion_test, photos):
+    """Each model's encoded-image view over gRPC (tritonclient.grpc), its metadata filled as
+    listed; the outputs equal the same request over HTTP."""
+    import tritonclient.grpc as tgrpc
+
+    garment = png(fashion_test.images[0])
+    cases = {
+        "fashion-lenet5": garment,
+        "imagenet-efficientnet-lite0": next(iter(photos.values())),
+        "fashion-detector": png(scenes.images[0]),
+        "fashion-siamese": garment,
+        "styletransfer-multistyle26": garment,
+    }
+    with tgrpc.InferenceServerClient(f"127.0.0.1:{GRPC_PORT}") as grpc_client:
+        for name, image in cases.items():
+            meta = grpc_client.get_model_metadata(name + ".image", as_json=True)
+            inputs = []
+            for listed in meta["inputs"]:  # as listed: the image, and a stylizer's weights
+                shape = [1, *(int(d) for d in listed["shape"][1:])]
+                tensor = tgrpc.InferInput(listed["name"], shape, listed["datatype"])
+                if listed["datatype"] == "BYTES":
+                    tensor.set_data_from_numpy(np.array([[image]], dtype=np.object_))
+                else:
+                    weights = np.zeros(shape, np.float32)
+                    weights[0, 3] = 1.0  # style 3
+                    tensor.set_data_from_numpy(weights)
+                inputs.append(tensor)
+            result = grpc_client.infer(name + ".image", inputs)
+            http = client.post(
+                f"/v2/models/{name}.image/infer",
+                json={"inputs": [
+                    {"name": t.name(), "shape": list(t.shape()), "datatype": t.datatype(),
+                     "data": ([base64.b64encode(image).decode()] if t.datatype() == "BYTES"
+                              else np.eye(1, meta_styles(meta), 3).ravel().tolist())}
+                    for t in inputs
+                ]},
+            )  # fmt: skip
+            assert http.status_code == 200, (name, http.text)
+            for output in http.json()["outputs"]:
+                got = result.as_numpy(output["name"])
+                assert list(got.shape) == output["shape"], name
+                np.testing.assert_allclose(got.ravel(), output["data"], atol=1e-5, err_msg=name)
+
+
+def meta_styles(meta: dict) -> int:
+    """The number of styles a stylizer's metadata lists (1 for any other model)."""
+    return next((int(i["shape"][1]) for i in meta["inputs"] if i["datatype"] == "FP32"), 1)
 
 
 # --- detection --------------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 Python model and Triton's dynamic batcher on, as PyTriton's documentation shows: a batched
 infer function, `max_batch_size` and a `DynamicBatcher` with a short queue delay.
 
-Clients speak KServe v2, Triton's protocol: one PNG per request as a BYTES tensor (binary
-tensor data), decoded and classified in the Python model. The harness runs it with Debian's
-Python in a virtual environment of its own (the stub Triton starts links that Python's
-libpython).
+Clients speak KServe v2, Triton's protocol, over HTTP or gRPC: `lenet5` takes one PNG per
+request as a BYTES tensor (binary tensor data), decoded and classified in the Python model;
+`lenet5_pixels` takes decoded pixels, UINT8 [N, C, H, W], normalized in the Python model.
+The harness runs it with Debian's Python in a virtual environment of its own (the stub Triton
+starts links that Python's libpython).
 
     PEER_ONNX=model.onnx PEER_SPEC=spec.json python loadtest/peers/triton_ort.py --port 3005
 """
@@ -21,7 +22,7 @@ import onnxruntime as ort
 from PIL import Image
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-from pytriton.triton import Triton, TritonConfig
+from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
 spec = json.loads(Path(os.environ["PEER_SPEC"]).read_text())
 SIZE = (spec["input"]["width"], spec["input"]["height"])
@@ -61,6 +62,14 @@ def infer(image: np.ndarray) -> dict:  # image: N x 1 encoded images (bytes)
     return {"probabilities": (e / e.sum(1, keepdims=True)).astype(np.float32)}
 
 
+@batch
+def infer_pixels(input: np.ndarray) -> dict:  # input: N x C x H x W pixels (uint8)
+    x = (input.astype(np.float32) / 255.0 - MEAN) / STD
+    logits = session.run(None, {INPUT: x})[0]
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return {"probabilities": (e / e.sum(1, keepdims=True)).astype(np.float32)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=3005)
@@ -72,11 +81,32 @@ def main() -> None:
         metrics_port=args.port + 2,
         log_verbose=0,
     )
-    with Triton(config=config) as triton:
+    # PyTriton's default security config restricts, among others, the statistics API, which
+    # perf_analyzer reads after every measurement; it stays open here, the rest restricted.
+    security = TritonSecurityConfig(
+        restricted_endpoints=["shared-memory", "model-repository", "trace", "logging"]
+    )
+    with Triton(config=config, security_config=security) as triton:
         triton.bind(
             model_name="lenet5",
             infer_func=infer,
             inputs=[Tensor(name="image", dtype=bytes, shape=(1,))],
+            outputs=[Tensor(name="probabilities", dtype=np.float32, shape=(-1,))],
+            config=ModelConfig(
+                max_batch_size=128, batcher=DynamicBatcher(max_queue_delay_microseconds=100)
+            ),
+        )
+        # The same model for clients that send decoded pixels (perf_analyzer's tensors).
+        triton.bind(
+            model_name="lenet5_pixels",
+            infer_func=infer_pixels,
+            inputs=[
+                Tensor(
+                    name="input",
+                    dtype=np.uint8,
+                    shape=(spec["input"]["channels"], SIZE[1], SIZE[0]),
+                )
+            ],
             outputs=[Tensor(name="probabilities", dtype=np.float32, shape=(-1,))],
             config=ModelConfig(
                 max_batch_size=128, batcher=DynamicBatcher(max_queue_delay_microseconds=100)

@@ -113,6 +113,7 @@ class Rpc:
     operation: Operation
     request: type[Any]
     response: type[Any]
+    streaming: bool = False  # a stream of requests, each answered on the response stream
 
 
 # --- reading ModelInferRequest ------------------------------------------------------------------
@@ -171,11 +172,12 @@ def read_infer(message: Any) -> InferCall:
     return InferCall(ModelRef.named(message.model_name, message.model_version or None), request)
 
 
-def infer_response(inferred: Inferred) -> Any:
-    """A ModelInferResponse: every output as raw contents (what Triton sends)."""
-    response = pb.ModelInferResponse(
-        model_name=inferred.model_name, model_version=inferred.model_version, id=inferred.id or ""
-    )
+def infer_response(inferred: Inferred, response: Any) -> Any:
+    """`response` (a ModelInferResponse) filled: every output as raw contents (what Triton
+    sends)."""
+    response.model_name = inferred.model_name
+    response.model_version = inferred.model_version
+    response.id = inferred.id or ""
     for out, tensor in inferred.outputs:
         if out.classification:
             k, strings = classification(tensor, out.classification, inferred.labels)
@@ -257,6 +259,7 @@ class GrpcOip(Protocol):
             ("ModelMetadata", op(read_model, self.metadata, **described)),
             ("ModelConfig", op(read_model, self.config, **described)),
             ("ModelInfer", op(read_infer, self.infer)),
+            ("ModelStreamInfer", op(read_infer, self.stream_infer)),
             ("RepositoryIndex", op(read_nothing, self.index, **admin)),
             ("RepositoryModelLoad", op(read_load, self.load, **admin)),
             ("RepositoryModelUnload", op(read_unload, self.unload, **admin)),
@@ -268,6 +271,7 @@ class GrpcOip(Protocol):
                 operation,
                 getattr(pb, methods[name].input_type.name),
                 getattr(pb, methods[name].output_type.name),
+                methods[name].client_streaming,
             )
             for name, operation in table
         ]
@@ -313,7 +317,13 @@ class GrpcOip(Protocol):
     # --- inference and the repository --------------------------------------------------------
 
     async def infer(self, served: ServedModel, call: InferCall) -> Any:
-        return infer_response(await self.inference.run(served, call))
+        return infer_response(await self.inference.run(served, call), pb.ModelInferResponse())
+
+    async def stream_infer(self, served: ServedModel, call: InferCall) -> Any:
+        # filled in place: a message given to a constructor would be copied
+        response = pb.ModelStreamInferResponse()
+        infer_response(await self.inference.run(served, call), response.infer_response)
+        return response
 
     async def index(self, served: None, call: ModelRef) -> Any:
         return json_format.ParseDict({"models": self.control.index()}, pb.RepositoryIndexResponse())
