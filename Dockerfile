@@ -111,7 +111,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     CONVSERVE_MODELS=* \
     CONVSERVE_PROVIDERS=tensorrt,cuda,cpu
 USER 10001
-EXPOSE 3000
+# 3000: HTTP (REST and the Open Inference Protocol); 8001: the Open Inference Protocol over gRPC
+EXPOSE 3000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=2)"]
 CMD ["bentoml", "serve", "convserve.service.app:Classifier", "--host", "0.0.0.0", "--port", "3000"]
@@ -139,7 +140,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     TMPDIR=/tmp \
     CONVSERVE_MODELS=*
 USER 10001
-EXPOSE 3000
+# 3000: HTTP (REST and the Open Inference Protocol); 8001: the Open Inference Protocol over gRPC
+EXPOSE 3000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
   CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=2)"]
 CMD ["bentoml", "serve", "convserve.service.app:Classifier", "--host", "0.0.0.0", "--port", "3000"]

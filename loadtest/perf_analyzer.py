@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import struct
 import subprocess
 import tempfile
@@ -67,7 +68,7 @@ BINARY = CACHE / "bin" / "perf_analyzer"
 # per concurrent request slot (ModelStreamInfer, `--streaming`).
 PROTOCOLS = {"http": ["-i", "http"], "grpc": ["-i", "grpc"],
              "grpc-stream": ["-i", "grpc", "--streaming"]}  # fmt: skip
-CONCURRENCY = (1, 2, 4, 8, 16, 32, 64)
+CONCURRENCY = (1, 4, 16, 64)
 QUICK_CONCURRENCY = (1, 64)
 IMAGES = 64  # different PNGs perf_analyzer cycles through
 RUN_TIMEOUT_S = 240  # one perf_analyzer run; a run that hangs is reported as such
@@ -147,19 +148,19 @@ class Point:
 def run_one(
     binary: Path, env: dict[str, str], model: str, protocol: str, url: str, concurrency: int,
     *, input_data: Path | None, prefix: list[str], window_ms: int, cpu_of: int,
-    count: Callable[[], int],
+    count: Callable[[], int] | None,
 ) -> tuple[dict[str, str], float, str]:  # fmt: skip
     """One perf_analyzer run: its CSV row, the server's CPU µs per request, its errors."""
     with tempfile.NamedTemporaryFile(suffix=".csv") as report:
         cmd = [
             *prefix, str(binary), "-m", model, *PROTOCOLS[protocol], "-u", url,
             "--concurrency-range", str(concurrency), "--measurement-interval", str(window_ms),
-            "--max-trials", "10", "--stability-percentage", str(STABILITY_PERCENT),
+            "--max-trials", "8", "--stability-percentage", str(STABILITY_PERCENT),
             "-f", report.name,
         ]  # fmt: skip
         if input_data is not None:
             cmd += ["--input-data", str(input_data)]
-        cpu, done = tree_cpu_seconds(cpu_of), count()
+        cpu, done, started = tree_cpu_seconds(cpu_of), count() if count else 0, time.monotonic()
         try:
             result = subprocess.run(
                 cmd, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT_S
@@ -167,11 +168,15 @@ def run_one(
             output, failed = result.stdout + result.stderr, result.returncode != 0
         except subprocess.TimeoutExpired:
             output, failed = f"did not finish in {RUN_TIMEOUT_S} s", True
-        cpu, done = tree_cpu_seconds(cpu_of) - cpu, count() - done
+        cpu, done = tree_cpu_seconds(cpu_of) - cpu, (count() - done) if count else 0
+        wall = time.monotonic() - started
         errors = _errors(output) if failed else ""
         with open(report.name) as written:
             rows = list(csv.DictReader(written)) if not errors else []
     row = rows[0] if rows else {}
+    if count is None:  # a server that counts nothing: its CPU rate over perf_analyzer's rate
+        rate = float(row.get("Inferences/Second", 0) or 0)
+        return row, (1e6 * cpu / wall / rate if rate else 0.0), errors
     return row, (1e6 * cpu / done if done else 0.0), errors
 
 
@@ -204,7 +209,14 @@ class Target:
     inputs: str
     model: str
     url: str
-    count: Callable[[], int]  # requests the server has completed so far
+    count: Callable[[], int] | None  # requests the server has completed so far, if it says
+
+
+def _wait_grpc(address: str, timeout: float = 60) -> None:
+    import grpc
+
+    with grpc.insecure_channel(address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
 
 
 def _pair(
@@ -225,12 +237,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="concurrency 1 and 64, short windows")
     parser.add_argument("--model", default="fashion-lenet5:latest")
     parser.add_argument("--skip-triton", action="store_true")
+    parser.add_argument(
+        "--repeat", type=int, default=None,
+        help="rounds of every run; each point is the median (default 3, --quick 1)",
+    )  # fmt: skip
+    parser.add_argument("--skip-floor", action="store_true", help="leave out grpcio's floor")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     binary, env = ensure()
     levels = QUICK_CONCURRENCY if args.quick else CONCURRENCY
-    window_ms = 1000 if args.quick else 3000
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    window_ms = 1000 if args.quick else 1500
     server_prefix, load_prefix = cores()
     work = Path(tempfile.mkdtemp(prefix="convserve-pa-"))
     images = images_input(work / "images.json")
@@ -288,8 +306,23 @@ def main(argv: list[str] | None = None) -> int:
             except (peer_envs.Unavailable, NotReady) as exc:
                 unavailable["triton"] = str(exc).splitlines()[0]
                 print(f"triton: {unavailable['triton']}", flush=True)
-        total, k = len(targets) * len(levels), 0
-        for concurrency in levels:  # the servers alternate at each level: drift hits both
+        if not args.skip_floor:
+            fport = free_port()
+            log = open(work / "floor.log", "wb")  # noqa: SIM115 (open while the floor runs)
+            floor = subprocess.Popen(
+                [*server_prefix, PY, "-m", "convserve.loadtest.peers.floor_grpc", "--port",
+                 str(fport)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+            started.append(floor)
+            _wait_grpc(f"127.0.0.1:{fport}")
+            for protocol in ("grpc", "grpc-stream"):
+                target = Target("grpc-floor", protocol, "tensors", "floor", f"127.0.0.1:{fport}",
+                                None)  # fmt: skip
+                targets.append((floor.pid, target))
+        total, k = len(targets) * len(levels) * args.repeat, 0
+        # Rounds of every level, the servers alternating at each: drift hits them all alike.
+        for concurrency in [c for _ in range(args.repeat) for c in levels]:
             for pid, target in targets:
                 k += 1
                 print(
@@ -317,14 +350,47 @@ def main(argv: list[str] | None = None) -> int:
         for proc in started:
             stop(proc)
         shutil.rmtree(work, ignore_errors=True)
-    summary = report(points, unavailable, levels)
+    runs = points
+    points = medians(runs)
+    summary = report(points, unavailable, levels, args.repeat, runs)
     (out / "results.json").write_text(
-        json.dumps({"points": [asdict(p) for p in points], "unavailable": unavailable}, indent=1)
+        json.dumps(
+            {
+                "points": [asdict(p) for p in points],
+                "runs": [asdict(p) for p in runs],
+                "unavailable": unavailable,
+            },
+            indent=1,
+        )  # fmt: skip
     )
     (out / "summary.md").write_text(summary)
     plot(points, out / "throughput.png")
     print(summary)
     return 1 if any(p.errors for p in points) else 0
+
+
+def medians(runs: list[Point]) -> list[Point]:
+    """One point per server, protocol, inputs and concurrency: the median of its runs that
+    reported no error (each figure on its own); an error when none did."""
+    keyed: dict[tuple[str, str, str, int], list[Point]] = {}
+    for p in runs:
+        keyed.setdefault((p.server, p.protocol, p.inputs, p.concurrency), []).append(p)
+    points = []
+    for key, group in keyed.items():
+        good = [p for p in group if not p.errors]
+        if not good:
+            points.append(group[0])
+            continue
+        points.append(
+            Point(
+                *key,
+                statistics.median(p.throughput for p in good),
+                statistics.median(p.p50_us for p in good),
+                statistics.median(p.p99_us for p in good),
+                statistics.median(p.cpu_us_per_request for p in good),
+            )
+        )
+    return points
 
 
 def _find(points: list[Point], server: str, protocol: str, inputs: str, c: int) -> Point | None:
@@ -343,13 +409,20 @@ def _cells(p: Point | None) -> str:
     return f"{p.throughput:.0f} | {p.p99_us / 1000:.2f} | {p.cpu_us_per_request:.0f}"
 
 
-def report(points: list[Point], unavailable: dict[str, str], levels: tuple[int, ...]) -> str:
+def report(
+    points: list[Point],
+    unavailable: dict[str, str],
+    levels: tuple[int, ...],
+    repeat: int = 1,
+    runs: list[Point] | None = None,
+) -> str:
     lines = [
         "# perf_analyzer: convserve and Triton, LeNet-5",
         "",
         f"Made by `python -m convserve.loadtest.perf_analyzer` on {time.strftime('%Y-%m-%d')}: "
         "each server pinned to one core, perf_analyzer (tritonclient 2.50.0) on the other. "
-        "Inferences/s (perf_analyzer's), p99 latency (ms) and the server's CPU µs per request.",
+        "Inferences/s (perf_analyzer's), p99 latency (ms) and the server's CPU µs per request; "
+        f"each the median of {repeat} run(s), the servers alternating at every level.",
         "",
     ]
     titles = {"grpc": "gRPC (ModelInfer)", "grpc-stream": "gRPC streaming (ModelStreamInfer)",
@@ -374,6 +447,30 @@ def report(points: list[Point], unavailable: dict[str, str], levels: tuple[int, 
                 )
                 lines.append(f"| {c} | {_cells(ours)} | {_cells(theirs)} | {ratio} |")
             lines.append("")
+    if any(p.server == "grpc-floor" for p in points):
+        lines += [
+            "## grpcio's floor",
+            "",
+            "grpcio's asyncio server answering a fixed response (loadtest/peers/floor_grpc.py): "
+            "what a call costs before any work, beside convserve's whole HTTP request.",
+            "",
+            "| concurrency | floor ModelInfer infer/s | CPU µs/req | floor ModelStreamInfer "
+            "infer/s | CPU µs/req | convserve HTTP tensors CPU µs/req |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for c in levels:
+            unary = _find(points, "grpc-floor", "grpc", "tensors", c)
+            streamed = _find(points, "grpc-floor", "grpc-stream", "tensors", c)
+            http = _find(points, "convserve", "http", "tensors", c)
+
+            def two(p: Point | None) -> str:
+                if p is None or p.errors:
+                    return "– | –"
+                return f"{p.throughput:.0f} | {p.cpu_us_per_request:.0f}"
+
+            ours = f"{http.cpu_us_per_request:.0f}" if http and not http.errors else "–"
+            lines.append(f"| {c} | {two(unary)} | {two(streamed)} | {ours} |")
+        lines.append("")
     lines += ["## Goals", ""]
     top = max(levels)
     http = _find(points, "convserve", "http", "tensors", top)
@@ -407,9 +504,10 @@ def report(points: list[Point], unavailable: dict[str, str], levels: tuple[int, 
         )
     for server, why in unavailable.items():
         lines.append(f"- {server} did not run: {why}")
-    errors = [p for p in points if p.errors]
+    runs = runs if runs is not None else points
+    errors = [p for p in runs if p.errors]
     lines.append(
-        f"- perf_analyzer errors: {len(errors)} of {len(points)} runs"
+        f"- perf_analyzer runs that reported an error: {len(errors)} of {len(runs)}"
         + "".join(
             f"\n  - {p.server} {p.protocol} {p.inputs} {p.concurrency}: {p.errors}" for p in errors
         )  # fmt: skip

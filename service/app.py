@@ -34,6 +34,7 @@ from starlette.types import Receive, Scope, Send
 
 from convserve import __version__
 from convserve.service import errors, heads, heap
+from convserve.service.grpc_door import GrpcUnavailable
 from convserve.service.loading import StartupError, preflight
 from convserve.service.metrics import exposition
 from convserve.service.protocols import rest
@@ -181,7 +182,11 @@ class Classifier:
 
     @bentoml.on_startup
     async def warm_up(self) -> None:
-        await self.server.warm_up()
+        try:
+            await self.server.warm_up()
+        except GrpcUnavailable as exc:
+            log.error("cannot start: %s", exc)
+            raise SystemExit(f"convserve cannot start: {exc}") from None
         self.server.drain.install(asyncio.get_running_loop())
         heap.freeze()  # models, sessions and the app live as long as the process
         if self.settings.gc_full_interval_s > 0:  # else Python's automatic collection

@@ -62,6 +62,10 @@ def _children(method: str, status: grpc.StatusCode) -> tuple[Any, Any]:
     return metrics.grpc_requests.labels(method, status.name), metrics.grpc_duration.labels(method)
 
 
+class GrpcUnavailable(Exception):
+    """The gRPC port cannot be opened; the message says which and what to set."""
+
+
 class GrpcDoor:
     def __init__(self, server: Server, rpcs: list[Rpc], access_log: bool = False) -> None:
         self.server, self.rpcs, self.access_log = server, rpcs, access_log
@@ -82,7 +86,14 @@ class GrpcDoor:
             (grpc.method_handlers_generic_handler(SERVICE, handlers),)
         )
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        bound = grpc_server.add_insecure_port(address)
+        try:
+            bound = grpc_server.add_insecure_port(address)
+        except RuntimeError:  # in use by a process that does not share it, or not an address
+            raise GrpcUnavailable(
+                f"cannot listen for gRPC on {address}: the port is taken or the address is "
+                "not this machine's; set CONVSERVE_GRPC_PORT (0 turns gRPC off) or "
+                "CONVSERVE_GRPC_HOST"
+            ) from None
         await grpc_server.start()
         self._grpc = grpc_server
         log.info("gRPC (%s) on %s", SERVICE, address)

@@ -186,3 +186,26 @@ def test_the_phone_photo_limit_measures_each_way_of_decoding(imagenet_stored, tm
     assert all(limit[f"{way}_ms_per_photo"] > 0 for way in ("cheapest", "recipe", "full", "model"))
     top1 = limit["top1"]
     assert len(top1["full"]) == 6 and top1["cheapest"] == top1["recipe"] == top1["full"]
+
+
+def test_perf_analyzer_points_are_medians_and_the_goals_follow_from_them():
+    """The perf_analyzer harness's arithmetic, on made-up runs (no server)."""
+    from convserve.loadtest.perf_analyzer import Point, medians, report
+
+    def run(server, protocol, throughput, cpu, errors=""):
+        return Point(server, protocol, "tensors", 64, throughput, 1000, 2000, cpu, errors)
+
+    runs = [
+        run("convserve", "http", 3000, 300), run("convserve", "http", 5000, 200),
+        run("convserve", "http", 4000, 250), run("convserve", "http", 9, 9, "unstable"),
+        run("convserve", "grpc-stream", 4500, 190), run("convserve", "grpc", 1500, 600),
+        run("triton", "http", 2000, 500), run("triton", "grpc", 3000, 300),
+    ]  # fmt: skip
+    points = {(p.server, p.protocol): p for p in medians(runs)}
+    http = points[("convserve", "http")]
+    assert (http.throughput, http.cpu_us_per_request, http.errors) == (4000, 250, "")
+    summary = report(list(points.values()), {}, (64,), 4, runs)
+    assert "190 µs against HTTP's 250 µs, 0.76x (goal <= 0.8): **met**" in summary
+    assert "600 µs against HTTP's 250 µs, 2.40x (goal <= 0.8): **NOT met**" in summary
+    assert "**NOT met (grpc tensors at 64)**" in summary  # HTTP ahead of Triton, gRPC behind
+    assert "reported an error: 1 of 8" in summary

@@ -126,6 +126,11 @@ def test_the_predictor_serves_the_protocol_kserve_routes_to():
     (container,) = predictor["containers"]
     assert container["name"] == "kserve-container"
     assert container["ports"][0]["containerPort"] == 3000  # the image's port
+    # gRPC on the port the image serves it (settings' default), named as KServe names it
+    from convserve.service.settings import ServiceSettings
+
+    grpc_port = ServiceSettings.model_fields["grpc_port"].default
+    assert {"name": "h2c", "containerPort": grpc_port, "protocol": "TCP"} in container["ports"]
     # Probes on the Open Inference Protocol's health routes, which convserve answers.
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"

@@ -604,3 +604,27 @@ def test_the_default_top_k_is_capped_at_the_class_count(quick_stored):
         assert err.value.code == "invalid_top_k"
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("name", "model", "images"),
+    [("lenet", "lenet", False), ("lenet.image", "lenet", True), (".image", ".image", False),
+     ("a.image.image", "a.image", True), ("lenet.images", "lenet.images", False)],
+)  # fmt: skip
+def test_a_name_ending_in_image_names_the_encoded_image_view(name, model, images):
+    from convserve.service.protocols.oip.types import ModelRef
+
+    ref = ModelRef.named(name, "3")
+    assert (ref.model, ref.version, ref.images, ref.name) == (model, "3", images, name)
+
+
+def test_every_error_code_has_a_grpc_status_and_a_retryable_one_is_unavailable():
+    import grpc
+
+    from convserve.errors import ErrorCode
+    from convserve.service.protocols.oip.grpc import STATUS
+
+    assert set(STATUS) == set(ErrorCode)
+    assert STATUS[ErrorCode.BUSY] is grpc.StatusCode.UNAVAILABLE
+    assert STATUS[ErrorCode.MODEL_NOT_FOUND] is grpc.StatusCode.NOT_FOUND
+    assert STATUS[ErrorCode.UNAUTHENTICATED] is grpc.StatusCode.UNAUTHENTICATED
