@@ -133,7 +133,8 @@ def _wrk(url: str, prefix: list[str], seconds: int = 5, connections: int = 32) -
 
 def profile(args: argparse.Namespace) -> Profile:
     server_prefix, load_prefix = cores()
-    env = {"CONVSERVE_MODELS": args.models, "CONVSERVE_INTRA_OP_THREADS": "1"}
+    env = {"CONVSERVE_MODELS": args.models, "CONVSERVE_INTRA_OP_THREADS": "1",
+           "CONVSERVE_GRPC_PORT": "0"}  # HTTP only  # fmt: skip
     if args.server_pythonpath:  # an older version installed apart (pip install --target)
         env["PYTHONPATH"] = args.server_pythonpath
     server = Server("convserve", [PY, "-m", "bentoml", "serve", args.service, "--port", "{port}"],

@@ -54,7 +54,9 @@ def _uvicorn(app: str) -> list[str]:
 
 def servers(threads: int, peer_python: Callable[[str], str]) -> dict[str, Server]:
     """`peer_python(name)`: the interpreter of a peer that needs an environment of its own."""
-    conv_env = {"CONVSERVE_INTRA_OP_THREADS": str(threads), "CONVSERVE_WARMUP_REQUESTS": "12"}
+    # gRPC off: these runs are HTTP, and a server of the user's may hold the default port.
+    conv_env = {"CONVSERVE_INTRA_OP_THREADS": str(threads), "CONVSERVE_WARMUP_REQUESTS": "12",
+                "CONVSERVE_GRPC_PORT": "0"}  # fmt: skip
     peer_env = {"PEER_THREADS": str(threads)}
     bentoml = [PY, "-m", "bentoml", "serve"]
     table = [

@@ -84,8 +84,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     server_core, load_core = cores()
     log = Path(args.out) / "slow-heads-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    env = {"CONVSERVE_MODELS": args.models, "CONVSERVE_GRPC_PORT": "0"}  # HTTP only
     spec = Server("convserve", [PY, "-m", "bentoml", "serve", SERVICE, "--port", "{port}"],
-                  "/readyz", {"CONVSERVE_MODELS": args.models})  # fmt: skip
+                  "/readyz", env)  # fmt: skip
     proc, url = start(spec, log, prefix=server_core)
     host, port = url.removeprefix("http://").split(":")
     try:

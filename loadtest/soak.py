@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> dict:
             "convserve",
             [PY, "-m", "bentoml", "serve", SERVICE, "--port", "{port}"],
             "/readyz",
-            {"CONVSERVE_MODELS": args.model, "CONVSERVE_DRAIN_S": "0"},
+            {"CONVSERVE_MODELS": args.model, "CONVSERVE_DRAIN_S": "0", "CONVSERVE_GRPC_PORT": "0"},
         )
         proc, url = start(server, out / "server.log", prefix=server_prefix, cwd=out)
         pid = proc.pid

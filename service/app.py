@@ -34,7 +34,7 @@ from starlette.types import Receive, Scope, Send
 
 from convserve import __version__
 from convserve.service import errors, heads, heap
-from convserve.service.grpc_door import GrpcUnavailable
+from convserve.service.grpc_door import GrpcUnavailable, check_port
 from convserve.service.loading import StartupError, preflight
 from convserve.service.metrics import exposition
 from convserve.service.protocols import rest
@@ -155,7 +155,9 @@ class Classifier:
         """Runs once in the serving process before workers start: fail fast, exit non-zero."""
         configure(_defined.log_format)
         try:
-            preflight(ServiceSettings())
+            settings = ServiceSettings()
+            check_port(settings.grpc_host, settings.grpc_port)
+            preflight(settings)
         except (StartupError, ValueError) as exc:
             log.error("cannot start: %s", exc)
             raise SystemExit(f"convserve cannot start: {exc}") from None

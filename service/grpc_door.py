@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from convserve.errors import ConvserveError
+from convserve.service.loading import StartupError
 from convserve.service.metrics import refused, service_metrics
 from convserve.service.protocols.base import INTERNAL, Operation
 from convserve.service.protocols.oip.grpc import SERVICE, STATUS, Rpc, error_metadata
@@ -62,8 +64,30 @@ def _children(method: str, status: grpc.StatusCode) -> tuple[Any, Any]:
     return metrics.grpc_requests.labels(method, status.name), metrics.grpc_duration.labels(method)
 
 
-class GrpcUnavailable(Exception):
+class GrpcUnavailable(StartupError):
     """The gRPC port cannot be opened; the message says which and what to set."""
+
+
+def _unavailable(address: str) -> GrpcUnavailable:
+    return GrpcUnavailable(
+        f"cannot listen for gRPC on {address}: the port is taken or the address is not this "
+        "machine's; set CONVSERVE_GRPC_PORT (0 turns gRPC off) or CONVSERVE_GRPC_HOST"
+    )
+
+
+def check_port(host: str, port: int) -> None:
+    """Before the workers start (the serving process's pre-flight): the port can be bound
+    as the workers will bind it (SO_REUSEPORT), else `GrpcUnavailable`, so a taken port stops
+    start-up at once instead of failing every worker the process manager restarts."""
+    if not port:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            probe.bind(infos[0][4])
+    except OSError:
+        raise _unavailable(f"{host}:{port}") from None
 
 
 class GrpcDoor:
@@ -89,11 +113,7 @@ class GrpcDoor:
         try:
             bound = grpc_server.add_insecure_port(address)
         except RuntimeError:  # in use by a process that does not share it, or not an address
-            raise GrpcUnavailable(
-                f"cannot listen for gRPC on {address}: the port is taken or the address is "
-                "not this machine's; set CONVSERVE_GRPC_PORT (0 turns gRPC off) or "
-                "CONVSERVE_GRPC_HOST"
-            ) from None
+            raise _unavailable(address) from None
         await grpc_server.start()
         self._grpc = grpc_server
         log.info("gRPC (%s) on %s", SERVICE, address)

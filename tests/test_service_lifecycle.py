@@ -73,6 +73,21 @@ def test_missing_model_stops_start_up(bentoml_home, quick_stored):
     assert "convserve cannot start: model 'no-such-model:latest' is not in the model store" in out
 
 
+def test_a_grpc_port_taken_by_another_process_stops_start_up(bentoml_home, quick_stored):
+    import socket
+
+    with socket.socket() as taken:  # a listener that does not share its port (no SO_REUSEPORT)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = _serve_and_expect_refusal(
+            bentoml_home, models=f"{quick_stored[1].tag}", grpc_host="127.0.0.1",
+            grpc_port=str(port),
+        )  # fmt: skip
+    assert f"convserve cannot start: cannot listen for gRPC on 127.0.0.1:{port}" in out
+    assert "CONVSERVE_GRPC_PORT" in out
+
+
 def test_corrupt_onnx_file_stops_start_up(bentoml_home, quick_stored, tmp_path):
     home = _copy_store(bentoml_home, tmp_path, "quick-lenet5")
     stored = quick_stored[1]
