@@ -232,7 +232,7 @@ def _pair(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.partition("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "perf-analyzer"))
     parser.add_argument("--quick", action="store_true", help="concurrency 1 and 64, short windows")
     parser.add_argument("--model", default="fashion-lenet5:latest")

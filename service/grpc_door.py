@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from convserve.service.server import Server
 
 log = logging.getLogger("convserve.grpc")
-Context = grpc.aio.ServicerContext
+Context = grpc.aio.ServicerContext[Any, Any]
 STOP_GRACE_S = 5.0  # calls in flight at shutdown get this long to finish
 
 
@@ -124,7 +124,7 @@ class GrpcDoor:
             await self._grpc.stop(STOP_GRACE_S)
             self._grpc = None
 
-    def _handler(self, rpc: Rpc) -> grpc.RpcMethodHandler:
+    def _handler(self, rpc: Rpc) -> grpc.RpcMethodHandler[Any, Any]:
         parse: Callable[[bytes], Any] = rpc.request.FromString
 
         def deserialize(data: bytes) -> tuple[int, Any]:  # the size, for admission

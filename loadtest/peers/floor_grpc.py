@@ -17,9 +17,10 @@ import grpc
 import numpy as np
 import uvloop
 from google.protobuf import json_format
-from tritonclient.grpc import model_config_pb2 as config_pb
-from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import model_config_pb2, service_pb2
 
+pb: Any = service_pb2  # protoc's modules make their classes at run time
+config_pb: Any = model_config_pb2
 SERVICE = "inference.GRPCInferenceService"
 METADATA = json_format.ParseDict(
     {"name": "floor", "versions": ["1"], "platform": "floor",

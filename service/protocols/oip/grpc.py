@@ -24,8 +24,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import grpc
 import numpy as np
 from google.protobuf import json_format
-from tritonclient.grpc import model_config_pb2 as config_pb
-from tritonclient.grpc import service_pb2 as pb
+
+# tritonclient ships no type information; its generated modules are `Any` below.
+from tritonclient.grpc import (  # pyright: ignore[reportMissingTypeStubs]
+    model_config_pb2,
+    service_pb2,
+)
 
 from convserve import __version__
 from convserve.errors import ConvserveError, DeadlineExceeded, ErrorCode, InvalidInput, Overloaded
@@ -53,6 +57,9 @@ if TYPE_CHECKING:
     from convserve.service.control import Models
     from convserve.service.loading import ServedModel
 
+# protoc's generated modules make their message classes at run time: nothing to type-check.
+pb: Any = service_pb2
+config_pb: Any = model_config_pb2
 SERVICE = "inference.GRPCInferenceService"
 
 # Every domain error's status: a closed table, checked at import like REST's.

@@ -205,7 +205,7 @@ class Inference:
                 f"{IMAGE_INPUT!r} (encoded images, BYTES [N, 1])"
                 if ref.images
                 else f"{name!r} (the tensor), or {IMAGE_INPUT!r} (encoded images, BYTES), "
-                f"which model {ref.model + IMAGE_VIEW!r} lists"
+                f"which model {f'{ref.model}{IMAGE_VIEW}'!r} lists"
             )
             raise bad_request(f"model {ref.name!r} takes {hint}; got {sorted(by_name)}")
         if given.name == IMAGE_INPUT and given.datatype != "BYTES":
