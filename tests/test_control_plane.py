@@ -290,6 +290,7 @@ def test_tokens_are_read_when_the_worker_starts_not_at_import(quick_stored):
         mp.setenv("CONVSERVE_MODELS", quick_stored[1].tag)
         mp.setenv("CONVSERVE_WARMUP_REQUESTS", "1")
         mp.setenv("CONVSERVE_API_TOKEN", API)
+        mp.setenv("CONVSERVE_GRPC_PORT", "0")  # in this process: HTTP only
         with TestClient(Classifier.to_asgi()) as client:
             assert client.get("/models").status_code == 401
             assert client.get("/models", headers=bearer(API)).status_code == 200

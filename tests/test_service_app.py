@@ -37,6 +37,7 @@ def client(served):
     env = {
         "CONVSERVE_MODELS": f"quick-lenet5:latest,{served['older'].tag},rgb-lenet5:latest",
         "CONVSERVE_WARMUP_REQUESTS": "2",
+        "CONVSERVE_GRPC_PORT": "0",  # in this process: HTTP only
     }
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():

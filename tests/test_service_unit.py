@@ -522,7 +522,9 @@ def test_readme_documents_every_setting():
 def test_pool_is_ready_only_after_warm_up(quick_stored):
     from convserve.service.server import Server
 
-    settings = ServiceSettings(models=[quick_stored[1].tag], warmup_requests=2, max_batch_size=4)
+    settings = ServiceSettings(
+        models=[quick_stored[1].tag], warmup_requests=2, max_batch_size=4, grpc_port=0
+    )
     server = Server.start(settings)
     pool = server.models
     assert not pool.ready
