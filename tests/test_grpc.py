@@ -5,7 +5,6 @@ ModelInfer messages included), request ids, metrics, and a server that stays hea
 
 from __future__ import annotations
 
-import io
 import os
 import struct
 import subprocess
@@ -15,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
+from bad_inputs import encode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -30,9 +30,7 @@ EXAMPLES = int(os.environ.get("CONVSERVE_FUZZ_EXAMPLES", "200"))
 
 
 def png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, "PNG")
-    return buf.getvalue()
+    return encode(Image.fromarray(image))
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,8 @@ from tritonclient.grpc import (  # pyright: ignore[reportMissingTypeStubs]
 )
 
 from convserve import __version__
-from convserve.errors import ConvserveError, DeadlineExceeded, ErrorCode, InvalidInput, Overloaded
-from convserve.service.protocols.base import Access, Operation, Protocol
+from convserve.errors import ConvserveError, ErrorCode, InvalidInput
+from convserve.service.protocols.base import Access, Operation, Protocol, retry_headers
 from convserve.service.protocols.oip import model
 from convserve.service.protocols.oip.model import Inference, Inferred, classification
 from convserve.service.protocols.oip.repository import REFUSED_HINT, ModelControl, refused_keys
@@ -107,8 +107,9 @@ assert set(STATUS) == set(ErrorCode), set(ErrorCode) - set(STATUS)
 def error_metadata(error: ConvserveError, request_id: str) -> tuple[tuple[str, str], ...]:
     """The trailing metadata of an error: its request id, its code and when to retry."""
     metadata = [("x-request-id", request_id), ("convserve-error-code", str(error.code))]
-    if isinstance(error, Overloaded | DeadlineExceeded):
-        metadata.append(("retry-after", str(error.retry_after_s)))
+    retry = retry_headers(error).get("Retry-After")  # HTTP's rule for when a retry may help
+    if retry is not None:
+        metadata.append(("retry-after", retry))
     return tuple(metadata)
 
 
